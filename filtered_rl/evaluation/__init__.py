@@ -1,0 +1,1 @@
+"""pass@1 / pass@k evaluation with coverage and diversity metrics."""

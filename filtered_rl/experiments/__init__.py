@@ -1,0 +1,1 @@
+"""Experiments: the exact toy and the real-LM frontier."""
