@@ -13,7 +13,10 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("filtered_rl.base_model", "build the tokenizer and pretrain the synthetic-task base model"),
-    "sample": ("filtered_rl.base_model_report", "sample a model on the synthetic task; print validity/diversity"),
+    "sample": (
+        "filtered_rl.base_model_report",
+        "sample a model on the synthetic task; print validity/diversity",
+    ),
     "eval": ("filtered_rl.evaluation.cli", "pass@1/pass@k, coverage and diversity of a model on a dataset"),
     "plot": ("filtered_rl.evaluation.plots", "plot pass@k curves from one or more summary files"),
     "toy": ("filtered_rl.experiments.toy", "the exact enumerable toy: KL-control vs filtered objectives"),

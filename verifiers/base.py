@@ -20,7 +20,9 @@ def completion_to_text(completion: Any) -> str:
         turns = [m for m in completion if isinstance(m, dict)]
         assistant = [m for m in turns if m.get("role", "assistant") == "assistant"] or turns
         return "\n".join(_content_to_text(m.get("content", "")) for m in assistant)
-    raise TypeError(f"completion must be a string or a list of message dicts, got {type(completion).__name__}")
+    raise TypeError(
+        f"completion must be a string or a list of message dicts, got {type(completion).__name__}"
+    )
 
 
 def _content_to_text(content: Any) -> str:
@@ -45,8 +47,18 @@ class BinaryVerifier:
     def score(self, text: str, gold: Any, row: dict[str, Any]) -> float | None:
         raise NotImplementedError
 
-    def __call__(self, prompts: list[Any] | None = None, completions: list[Any] | None = None,
-                 **columns: Any) -> list[float | None]:
+    def answer_key(self, text: str, row: dict[str, Any]) -> str | None:
+        """The answer a completion gives, normalised so that equivalent answers compare equal.
+
+        Diversity metrics count distinct keys among valid completions; tasks with a notion of
+        equivalence (a math answer, a canonical expression) override this. None: no answer found.
+        """
+        text = text.strip()
+        return text or None
+
+    def __call__(
+        self, prompts: list[Any] | None = None, completions: list[Any] | None = None, **columns: Any
+    ) -> list[float | None]:
         if completions is None:
             raise TypeError(f"{self.__name__}: called without `completions`")
         if self.gold_column not in columns:
@@ -55,7 +67,9 @@ class BinaryVerifier:
                 f"pass gold_column=<name> to the verifier (columns seen: {sorted(columns)})"
             )
         rows = _rows(columns, len(completions))
-        return [self.score(completion_to_text(c), row[self.gold_column], row) for c, row in zip(completions, rows)]
+        return [
+            self.score(completion_to_text(c), row[self.gold_column], row) for c, row in zip(completions, rows)
+        ]
 
 
 def _rows(columns: dict[str, Any], n: int) -> list[dict[str, Any]]:
