@@ -56,10 +56,17 @@ class ScriptArguments:
     countdown_train_prompts: int = field(
         default=2000, metadata={"help": "generated countdown training prompts"}
     )
+
+
+@dataclass
+class ControllerArguments:
+    """grpo/rloo only: the β-from-μ controller (FilteredGRPOConfig has its own `target_validity`)."""
+
     target_validity: float | None = field(
         default=None,
         metadata={
-            "help": "grpo/rloo: μ for the β-from-μ controller (the config's beta must be > 0); unset: fixed beta"
+            "help": "μ: set the KL coefficient each step so that KL-control's optimum has this validity "
+            "(the config's beta must be > 0); unset: fixed beta"
         },
     )
     controller_closed_loop: bool = field(default=False, metadata={"help": "add the bounded PI correction"})
@@ -129,38 +136,36 @@ def resolve_model(name_or_path: str) -> str:
     return str(load_or_pretrain(size=name_or_path[len(OWN_MODEL_PREFIX) :], seed=0))
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
+def parse_recipe_args(argv: list[str]) -> tuple[str, tuple]:
+    """(algorithm, (script_args, training_args, model_args[, controller_args])) from flags + YAML."""
     algorithm, argv = resolve_config(argv)
+    from trl import ModelConfig, TrlParser
 
-    from trl import (
-        GRPOConfig,
-        GRPOTrainer,
-        ModelConfig,
-        RLOOConfig,
-        RLOOTrainer,
-        TrlParser,
-        get_peft_config,
-        get_quantization_config,
+    dataclasses = (ScriptArguments, config_class(algorithm), ModelConfig)
+    if algorithm != "filtered":
+        dataclasses += (ControllerArguments,)
+    return algorithm, TrlParser(dataclasses).parse_args_and_config(args=argv)
+
+
+def config_class(algorithm: str) -> type:
+    from trl import GRPOConfig, RLOOConfig
+
+    from filtered_rl.trainer import FilteredGRPOConfig
+
+    return {"grpo": GRPOConfig, "rloo": RLOOConfig, "filtered": FilteredGRPOConfig}[algorithm]
+
+
+def main(argv: list[str] | None = None) -> None:
+    algorithm, (script_args, training_args, model_args, *controller) = parse_recipe_args(
+        list(sys.argv[1:] if argv is None else argv)
     )
+    from trl import GRPOTrainer, RLOOTrainer, get_peft_config, get_quantization_config
 
     from filtered_rl.callbacks import BetaFromValidityCallback
     from filtered_rl.data import load_task
-    from filtered_rl.trainer import FilteredGRPOConfig, FilteredGRPOTrainer
+    from filtered_rl.trainer import FilteredGRPOTrainer
 
-    config_class, trainer_class = {
-        "grpo": (GRPOConfig, GRPOTrainer),
-        "rloo": (RLOOConfig, RLOOTrainer),
-        "filtered": (FilteredGRPOConfig, FilteredGRPOTrainer),
-    }[algorithm]
-    parser = TrlParser((ScriptArguments, config_class, ModelConfig))
-    script_args, training_args, model_args = parser.parse_args_and_config(args=argv)
-    if script_args.target_validity is not None and algorithm == "filtered":
-        raise SystemExit(
-            "target_validity is the controller of grpo/rloo; for algorithm=filtered set the config's own "
-            "`target: tilted` and `target_validity: μ` (FilteredGRPOConfig) instead"
-        )
-
+    trainer_class = {"grpo": GRPOTrainer, "rloo": RLOOTrainer, "filtered": FilteredGRPOTrainer}[algorithm]
     task = load_task(
         script_args.dataset_name,
         data_files=script_args.data_files,
@@ -190,11 +195,11 @@ def main(argv: list[str] | None = None) -> None:
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
     )
-    if script_args.target_validity is not None:
+    if controller and controller[0].target_validity is not None:
         BetaFromValidityCallback(
-            target_validity=script_args.target_validity,
-            closed_loop=script_args.controller_closed_loop,
-            estimator=script_args.controller_estimator,
+            target_validity=controller[0].target_validity,
+            closed_loop=controller[0].controller_closed_loop,
+            estimator=controller[0].controller_estimator,
         ).attach(trainer)
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
