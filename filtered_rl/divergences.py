@@ -124,7 +124,7 @@ def f_divergence(
 def group_log_partition(
     log_unnormalised: torch.Tensor, log_pi_old: torch.Tensor, group_size: int
 ) -> torch.Tensor:
-    """Self-normalised importance estimate of log Z(x) per group of K samples y_i ~ π_old(·|x).
+    """Importance-sampling estimate (unbiased, not self-normalised) of log Z(x) per group of K samples y_i ~ π_old(·|x).
 
     Z(x) = Σ_y P(y) = E_{π_old}[P(y)/π_old(y)] ≈ (1/K) Σ_i P(y_i)/π_old(y_i), computed in log space:
     log Z ≈ logsumexp_i(log P_i − log π_old_i) − log K. For P = a·v this is the base validity A(x).
