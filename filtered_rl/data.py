@@ -1,0 +1,304 @@
+"""Prompt datasets and their verifiers, by task name: what evaluation and the training recipes share.
+
+`load_task("gsm8k")` (hub) or `load_task("gsm8k", data_files="/data/gsm8k")` (local copy) returns a
+`Task`: a `datasets.Dataset` with a ``prompt`` column in the form TRL expects (conversational messages
+``[{"role": "system", ...}, {"role": "user", ...}]`` or plain text), a stable ``prompt_id``, the gold
+columns its verifier reads, and the verifier itself (a TRL reward function). Any other dataset works
+with `prompt_column=` and `verifier=` ("math", "code" or "countdown").
+
+Prompt formatting: conversational prompts (the default for math and code tasks) are rendered with the
+tokenizer's chat template at generation time (`render_prompt`); plain-text prompts are used verbatim
+(countdown's default, for the character-level base model). Math tasks ask for a boxed final answer,
+code tasks for one ```python block.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MATH_SYSTEM_PROMPT = (
+    "Solve the problem step by step. Write the final answer alone inside \\boxed{}, e.g. \\boxed{42}."
+)
+CODE_SYSTEM_PROMPT = (
+    "You are an expert Python programmer. Reply with the complete solution in a single ```python code block."
+)
+
+# name -> (kind, hub id, hub config, default split, local file name inside a directory)
+BUILTIN_TASKS: dict[str, tuple[str, str, str | None, str, str]] = {
+    "countdown": ("countdown", "", None, "test", ""),
+    "gsm8k": ("math", "openai/gsm8k", "main", "test", "{split}.jsonl"),
+    "math500": ("math", "HuggingFaceH4/MATH-500", None, "test", "test.jsonl"),
+    "humaneval": ("code", "openai/openai_humaneval", None, "test", "HumanEval.jsonl"),
+    "mbpp": ("code", "google-research-datasets/mbpp", "sanitized", "test", "sanitized-mbpp.json"),
+}
+VERIFIER_NAMES = ("countdown", "math", "code")
+# MBPP's published split boundaries (task_id ranges), as on the hub.
+MBPP_SPLITS = {"test": (11, 510), "train": (601, 974), "validation": (511, 600), "prompt": (1, 10)}
+
+
+@dataclass
+class Task:
+    """A prompt dataset with the verifier that scores its completions."""
+
+    name: str
+    dataset: Any  # datasets.Dataset: prompt, prompt_id, gold columns
+    verifier: Any  # filtered_rl.verifiers.BinaryVerifier
+    conversational: bool
+    kind: str = "custom"  # countdown | math | code | custom
+
+    def valid_answers(self, row: dict[str, Any]) -> set[str] | None:
+        """Every valid answer (as `verifier.answer_key` writes it) when the task can enumerate them."""
+        if self.kind == "countdown":
+            from filtered_rl.countdown import enumerate_solutions
+
+            return enumerate_solutions(row["numbers"], row["target"])
+        return None
+
+
+def load_task(
+    name: str,
+    *,
+    data_files: str | Path | None = None,
+    split: str | None = None,
+    limit: int | None = None,
+    conversational: bool | None = None,
+    system_prompt: str | None = "auto",
+    prompt_column: str | None = None,
+    verifier: str | Any | None = None,
+    gold_column: str | None = None,
+    seed: int = 0,
+    countdown_kwargs: dict[str, Any] | None = None,
+) -> Task:
+    """Load a task's prompts and verifier.
+
+    name: a built-in task (countdown, gsm8k, math500, humaneval, mbpp), or any hub dataset / local
+        data file, which then needs `prompt_column` and `verifier`.
+    data_files: a local file or directory (built-ins: the layout of the public releases, e.g.
+        gsm8k/test.jsonl, HumanEval.jsonl); None loads built-ins from the hub.
+    split: dataset split (default: "test"); limit: keep the first `limit` prompts.
+    conversational: prompts as chat messages (rendered with the chat template) or plain text;
+        default True for math/code tasks, False for countdown and custom datasets.
+    system_prompt: "auto" (boxed answer for math, ```python block for code, none for countdown), a
+        string, or None. verifier: "math" | "code" | "countdown" or a verifier instance.
+    seed, countdown_kwargs: forwarded to `make_countdown_dataset` (countdown prompts are generated).
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be ≥ 1 prompts, got {limit}")
+    if name in BUILTIN_TASKS:
+        kind, hub_id, hub_config, default_split, local_name = BUILTIN_TASKS[name]
+        split = split or default_split
+        if kind == "countdown":
+            dataset = _countdown(split, limit, seed, countdown_kwargs or {}).rename_column(
+                "prompt", "question"
+            )
+        else:
+            raw = _load_raw(name, hub_id, hub_config, split, data_files, local_name)
+            if limit is not None:
+                raw = raw.select(range(min(limit, len(raw))))
+            dataset = _NORMALISERS[name](raw, split)
+        verifier = verifier or kind
+    else:
+        if prompt_column is None or verifier is None:
+            raise ValueError(
+                f"dataset {name!r} is not a built-in task ({', '.join(BUILTIN_TASKS)}): pass prompt_column= "
+                f"(--prompt-column) and verifier= (--verifier {'|'.join(VERIFIER_NAMES)})"
+            )
+        split = split or "test"
+        raw = _load_generic(name, split, data_files)
+        if prompt_column not in raw.column_names:
+            raise ValueError(
+                f"dataset {name!r} has no column {prompt_column!r} (columns: {raw.column_names})"
+            )
+        if limit is not None:
+            raw = raw.select(range(min(limit, len(raw))))
+        dataset = raw.map(
+            lambda row, i: {
+                "question": row[prompt_column],
+                "prompt_id": row.get("prompt_id") or f"{Path(str(name)).stem}-{split}-{i}",
+            },
+            with_indices=True,
+        )
+        kind = verifier if isinstance(verifier, str) else "custom"
+        if conversational is None and len(raw) and not isinstance(raw[0][prompt_column], str):
+            conversational = True  # the dataset already holds chat messages
+
+    options = {"prompt_column": "code_prompt"} if name == "humaneval" and verifier == "code" else {}
+    verifier_obj = (
+        make_verifier(verifier, gold_column=gold_column, **options) if isinstance(verifier, str) else verifier
+    )
+    if conversational is None:
+        conversational = kind in ("math", "code") and name in BUILTIN_TASKS
+    if system_prompt == "auto":
+        system_prompt = {"math": MATH_SYSTEM_PROMPT, "code": CODE_SYSTEM_PROMPT}.get(kind)
+    if name == "humaneval" and not conversational:  # a base model completes the code itself
+        dataset = dataset.map(lambda row: {"question": row["code_prompt"]})
+        system_prompt = None if system_prompt == CODE_SYSTEM_PROMPT else system_prompt
+    if "question" in dataset.column_names:  # text → prompt in the requested form
+        dataset = dataset.map(
+            lambda row: {"prompt": build_prompt(row["question"], system_prompt, conversational)},
+            remove_columns=["question", *(["prompt"] if "prompt" in dataset.column_names else [])],
+        )
+    return Task(name=name, dataset=dataset, verifier=verifier_obj, conversational=conversational, kind=kind)
+
+
+def build_prompt(
+    text: str | list[dict[str, str]], system_prompt: str | None, conversational: bool
+) -> list[dict[str, str]] | str:
+    """A user turn (and optional system turn) as chat messages, or as plain text.
+
+    A prompt that already is a list of messages (a conversational dataset) is kept as it is."""
+    if not isinstance(text, str):
+        if not conversational:
+            raise ValueError(
+                "the prompts are chat messages; plain-text prompting (--no-chat-template) needs text"
+            )
+        return text
+    if conversational:
+        system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        return [*system, {"role": "user", "content": text}]
+    return f"{system_prompt}\n\n{text}\n" if system_prompt else text
+
+
+def render_prompt(prompt: list[dict[str, str]] | str, tokenizer: Any) -> str:
+    """The exact text a model is conditioned on: chat messages through the chat template, text as is."""
+    if isinstance(prompt, str):
+        return prompt
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the prompts are conversational but the tokenizer has no chat template: use plain-text prompts "
+            "(--no-chat-template / conversational=False) or a tokenizer with a chat template"
+        )
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def make_verifier(name: str, gold_column: str | None = None, **options: Any) -> Any:
+    """A verifier by name: "math" (math-verify), "code" (sandboxed tests), "countdown"; `options` go to
+    its constructor (e.g. the code verifier's `prompt_column`, `limits`, `workers`)."""
+    if name == "math":
+        from filtered_rl.verifiers.math import MathVerifier as cls
+    elif name == "code":
+        from filtered_rl.verifiers.code import CodeVerifier as cls
+    elif name == "countdown":
+        from filtered_rl.verifiers.countdown import CountdownVerifier as cls
+    else:
+        raise ValueError(f"unknown verifier {name!r}: choose one of {', '.join(VERIFIER_NAMES)}")
+    verifier = cls(**options)
+    if gold_column is not None:
+        verifier.gold_column = gold_column
+    return verifier
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def _countdown(split: str, limit: int | None, seed: int, kwargs: dict[str, Any]) -> Any:
+    from filtered_rl.countdown import make_countdown_dataset
+
+    if split not in ("train", "test"):
+        raise ValueError(f"countdown has splits 'train' and 'test', got split={split!r}")
+    size = limit or (200 if split == "test" else 2000)
+    sizes = {"num_train": size if split == "train" else 0, "num_test": size if split == "test" else 0}
+    return make_countdown_dataset(**sizes, seed=seed, **kwargs)[split]
+
+
+def _load_raw(
+    name: str, hub_id: str, hub_config: str | None, split: str, data_files: str | Path | None, local_name: str
+) -> Any:
+    from datasets import load_dataset
+
+    if data_files is None:
+        return load_dataset(hub_id, hub_config, split=split)
+    path = Path(data_files)
+    if path.is_dir():
+        path = path / local_name.format(split=split)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{name}: no data file at {path}; pass --data-files <file or directory holding {local_name.format(split=split)}>"
+        )
+    rows = _read_json_rows(path)
+    if name == "mbpp":  # the released file holds every split; the hub's splits are task_id ranges
+        if split not in MBPP_SPLITS:
+            raise ValueError(f"mbpp has splits {', '.join(MBPP_SPLITS)}; got split={split!r}")
+        low, high = MBPP_SPLITS[split]
+        rows = rows.filter(lambda r: low <= r["task_id"] <= high)
+    return rows
+
+
+def _load_generic(name: str, split: str, data_files: str | Path | None) -> Any:
+    from datasets import load_dataset
+
+    path = Path(data_files or name)
+    if path.is_file():
+        return (
+            _read_json_rows(path)
+            if path.suffix in (".json", ".jsonl")
+            else load_dataset(path.suffix.lstrip("."), data_files=str(path), split="train")
+        )
+    if data_files is not None:
+        raise FileNotFoundError(f"--data-files {data_files} is not a file")
+    return load_dataset(name, split=split)
+
+
+def _read_json_rows(path: Path) -> Any:
+    """A JSON array or JSON-lines file as a Dataset (read directly: no cache files beside read-only data)."""
+    from datasets import Dataset
+
+    text = path.read_text(encoding="utf-8")
+    rows = (
+        json.loads(text)
+        if text.lstrip().startswith("[")
+        else [json.loads(line) for line in text.splitlines() if line.strip()]
+    )
+    return Dataset.from_list(rows)
+
+
+# --- per-task normalisation: question text + gold columns + prompt_id --------------------------------
+
+
+def _gsm8k(raw: Any, split: str) -> Any:
+    def row(r: dict, i: int) -> dict:
+        final = r["answer"].split("####")[-1].strip().replace(",", "")
+        return {
+            "question": r["question"],
+            "answer": final,
+            "solution": r["answer"],
+            "prompt_id": f"gsm8k-{split}-{i}",
+        }
+
+    return raw.map(row, with_indices=True, remove_columns=raw.column_names)
+
+
+def _math500(raw: Any, split: str) -> Any:
+    def row(r: dict, i: int) -> dict:
+        return {
+            "question": r["problem"],
+            "answer": r["answer"],
+            "prompt_id": r.get("unique_id") or f"math500-{i}",
+        }
+
+    return raw.map(row, with_indices=True, remove_columns=[c for c in raw.column_names if c != "answer"])
+
+
+def _humaneval(raw: Any, split: str) -> Any:
+    # The code prompt (signature + docstring) stays in `code_prompt`: the code verifier prepends it to
+    # completions that only write the body (plain-text prompting of a base model).
+    def row(r: dict) -> dict:
+        question = f"Complete the following Python function.\n\n```python\n{r['prompt']}```"
+        return {"question": question, "code_prompt": r["prompt"], "prompt_id": r["task_id"]}
+
+    return raw.map(row, remove_columns=["prompt"])
+
+
+def _mbpp(raw: Any, split: str) -> Any:
+    def row(r: dict) -> dict:
+        tests = "\n".join(r["test_list"])
+        question = f"{r.get('prompt') or r.get('text')}\nYour code should pass these tests:\n\n{tests}"
+        return {"question": question, "prompt_id": f"mbpp-{r['task_id']}"}
+
+    return raw.map(row, remove_columns=[c for c in ("prompt", "text") if c in raw.column_names])
+
+
+_NORMALISERS = {"gsm8k": _gsm8k, "math500": _math500, "humaneval": _humaneval, "mbpp": _mbpp}

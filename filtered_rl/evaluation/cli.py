@@ -1,0 +1,161 @@
+"""`filtered-rl eval`: pass@k, coverage and diversity of a model on a task.
+
+    filtered-rl eval --model PATH --dataset countdown --num-samples 64 --output-dir runs/eval/base
+    accelerate launch --num_processes 2 -m filtered_rl.cli eval --model PATH --dataset gsm8k \
+        --data-files /data/gsm8k --num-samples 16 --output-dir runs/eval/gsm8k
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="model directory or hub id (a Hugging Face causal LM)")
+    parser.add_argument(
+        "--dataset",
+        default="countdown",
+        help="countdown | gsm8k | math500 | humaneval | mbpp, or a hub name / data file with "
+        "--prompt-column and --verifier (default: countdown)",
+    )
+    parser.add_argument(
+        "--data-files",
+        default=None,
+        help="local file or directory instead of the hub (e.g. /data/gsm8k holding test.jsonl)",
+    )
+    parser.add_argument("--split", default=None, help="dataset split (default: test)")
+    parser.add_argument("--num-prompts", type=int, default=None, help="evaluate the first N prompts only")
+    parser.add_argument("--num-samples", "-n", type=int, default=16, help="samples per prompt (default: 16)")
+    parser.add_argument(
+        "--k",
+        type=int,
+        nargs="+",
+        default=None,
+        help="k values of pass@k (default: 1, 2, 4, ... up to n, and n)",
+    )
+    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default: the model's generation_config.max_new_tokens, else 512",
+    )
+    parser.add_argument("--batch-size", type=int, default=64, help="sequences per decode batch (default: 64)")
+    parser.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="conversational prompts through the tokenizer's chat template (default: on for "
+        "math/code tasks, off for countdown)",
+    )
+    parser.add_argument(
+        "--system-prompt",
+        default="auto",
+        help="'auto' (boxed answer for math, a ```python block for code), 'none', or the text",
+    )
+    parser.add_argument("--prompt-column", default=None, help="prompt column of a custom dataset")
+    parser.add_argument(
+        "--verifier", default=None, choices=["math", "code", "countdown"], help="verifier of a custom dataset"
+    )
+    parser.add_argument(
+        "--gold-column", default=None, help="column holding the gold answer (verifier default)"
+    )
+    parser.add_argument(
+        "--base-model", default=None, help="base/reference model a: adds KL(p*||pi) and the p*-mass covered"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--backend", default="hf", choices=["hf", "vllm"], help="hf (default) or vllm if installed"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, ..."
+    )
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    parser.add_argument("--output-dir", default=None, help="default: runs/eval/<model>-<dataset>")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import datasets
+    import torch
+    import transformers
+
+    from filtered_rl.evaluation.runner import EvalConfig, run_eval
+
+    datasets.disable_progress_bars()  # one progress bar: the evaluation's
+    transformers.utils.logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    output_dir = args.output_dir or str(
+        Path("runs") / "eval" / f"{Path(args.model).name}-{Path(args.dataset).stem}"
+    )
+    config = EvalConfig(
+        model=args.model,
+        output_dir=output_dir,
+        dataset=args.dataset,
+        data_files=args.data_files,
+        split=args.split,
+        num_prompts=args.num_prompts,
+        num_samples=args.num_samples,
+        ks=args.k,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        chat_template=args.chat_template,
+        system_prompt=None if args.system_prompt.lower() == "none" else args.system_prompt,
+        prompt_column=args.prompt_column,
+        verifier=args.verifier,
+        gold_column=args.gold_column,
+        seed=args.seed,
+        base_model=args.base_model,
+        backend=args.backend,
+        dtype=args.dtype,
+        bootstrap=args.bootstrap,
+        progress=not args.no_progress,
+    )
+    summary = run_eval(config)
+    if summary is not None:
+        print(format_summary(summary))
+        print(f"\nwrote {Path(output_dir) / 'summary.json'} and {Path(output_dir) / 'samples.jsonl'}")
+    return 0
+
+
+def format_summary(summary: dict) -> str:
+    """A short plain-text report of a summary.json."""
+    lines = [
+        f"{summary['model']} on {summary['dataset']}: {summary['num_prompts']} prompts × "
+        f"{summary['num_samples']} samples (T={summary['temperature']}, top_p={summary['top_p']})",
+        "",
+        "  k   pass@k   95% CI",
+    ]
+    for k, v in summary["pass_at_k"].items():
+        lines.append(f"{int(k):>3}   {v['mean']:.3f}    [{v['ci_low']:.3f}, {v['ci_high']:.3f}]")
+    d = summary["diversity"]
+    entropy = "n/a" if d["answer_entropy"] is None else f"{d['answer_entropy']:.3f}"
+    lines += [
+        "",
+        f"distinct valid answers / prompt: {d['distinct_valid_answers']:.2f}   "
+        f"answer entropy: {entropy} nats   truncated: {summary['truncated_fraction']:.1%}",
+    ]
+    if "coverage" in summary:
+        c = summary["coverage"]
+        mass = "" if c["pstar_mass_hit"] is None else f"   p*-mass hit: {c['pstar_mass_hit']:.3f}"
+        lines.append(
+            f"valid answers hit: {c['fraction_of_valid_answers_hit']:.3f} "
+            f"(of {c['valid_answers_per_prompt']:.1f} per prompt){mass}"
+        )
+    if "kl_pstar_to_policy" in summary and summary["kl_pstar_to_policy"]["mean"] is not None:
+        kl = summary["kl_pstar_to_policy"]
+        lines.append(
+            f"KL(p*||pi) ≈ {kl['mean']:.3f} nats (ESS {kl['mean_ess']:.1f}, over {kl['prompts']} prompts)"
+        )
+    run = summary.get("run") or {}
+    if run.get("tokens_per_second"):
+        lines.append(
+            f"throughput: {run['tokens_per_second']:.0f} generated tokens/s on {run['num_processes']} process(es)"
+        )
+    return "\n".join(lines)
