@@ -2,8 +2,29 @@
 
 Every verifier is a callable object `reward(prompts, completions, **columns) -> list[float | None]`:
 1.0 valid, 0.0 invalid, None where the gold itself is unusable (TRL then ignores that reward).
+Importing this package loads neither sympy nor math-verify: the math verifier does its parsing in
+helper processes, so a pathological answer cannot hang the trainer.
 """
 
 from .base import BinaryVerifier, completion_to_text
+from .code import CodeVerifier, extract_code
+from .countdown import CountdownVerifier, verify_countdown
+from .math import MathVerifier, extract_gold, extract_prediction, verify_math
+from .sandbox import ExecutionResult, SandboxLimits, SandboxPool, run_code
 
-__all__ = ["BinaryVerifier", "completion_to_text"]
+__all__ = [
+    "BinaryVerifier",
+    "CodeVerifier",
+    "CountdownVerifier",
+    "ExecutionResult",
+    "MathVerifier",
+    "SandboxLimits",
+    "SandboxPool",
+    "completion_to_text",
+    "extract_code",
+    "extract_gold",
+    "extract_prediction",
+    "run_code",
+    "verify_countdown",
+    "verify_math",
+]
