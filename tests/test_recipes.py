@@ -99,3 +99,23 @@ def test_two_process_cpu_run_trains_and_resumes(algorithm: str, nano_model_dir: 
     assert steps == [1, 2, 3], steps  # resumed at step 3, not restarted
     if algorithm == "grpo":
         assert any("kl_control/beta" in entry for entry in final["log_history"])
+
+
+@pytest.mark.parametrize(
+    "config", sorted((ROOT / "recipes" / "configs" / "eval").glob("*.yaml")), ids=lambda p: p.stem
+)
+def test_evaluation_configs_become_valid_eval_flags(config: Path) -> None:
+    import argparse
+
+    import yaml
+    from run_eval import yaml_to_flags
+
+    from filtered_rl.evaluation.cli import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flags = yaml_to_flags(yaml.safe_load(config.read_text()))
+    args = parser.parse_args([*flags, "--model", "some/model", "--num-samples", "8", "--k", "1", "8"])
+    assert args.dataset in {"countdown", "gsm8k"} and args.model == "some/model"
+    assert args.num_samples == 8 and args.k == [1, 8]  # flags after the YAML win
+    assert yaml_to_flags({"chat_template": False, "k": [1, 2]}) == ["--no-chat-template", "--k", "1", "2"]

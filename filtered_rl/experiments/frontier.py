@@ -1,0 +1,330 @@
+"""The real-LM frontier: GRPO + KL against the filtered objectives, on the project's own base model.
+
+Every run starts from the same pretrained countdown base model, trains for the same number of steps on
+the same prompts with the same seed, and is evaluated on held-out prompts: pass@k for k = 1 … n,
+distinct valid answers per prompt, coverage of p*'s support and KL(p*‖π). The figures are the pass@k
+curves and the coverage–precision plane (pass@1 against pass@n) with the base model marked.
+
+    filtered-rl frontier --preset cpu --output-dir runs/frontier     # minutes on 2 cores
+    filtered-rl frontier --preset gpu --seeds 0 1 2                  # the `small` model on one GPU
+
+Runs are resumable: a finished training run (its `final/` model) or evaluation (`summary.json`) is
+reused, a killed one restarts from its last checkpoint / last finished prompt batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One training configuration: `algorithm` grpo (TRL, KL in the loss) or filtered (FilteredGRPOTrainer)."""
+
+    name: str
+    algorithm: str
+    options: dict[str, Any] = field(default_factory=dict)  # config fields: beta, divergence, alpha, ...
+    target_validity: float | None = None  # grpo only: the β-from-μ controller
+
+
+@dataclass
+class Preset:
+    """Sizes of one frontier experiment (the same budget for every run)."""
+
+    base_size: str
+    runs: tuple[RunSpec, ...]
+    steps: int
+    train_prompts: int
+    num_generations: int
+    batch_size: int
+    learning_rate: float
+    eval_prompts: int
+    eval_samples: int
+    max_completion_length: int = 24
+
+
+GRPO_SMALL_BETA = RunSpec("grpo β=0.01", "grpo", {"beta": 0.01})
+FILTERED_FKL = RunSpec("filtered forward KL", "filtered", {"divergence": "forward_kl"})
+FILTERED_JS = RunSpec("filtered JS", "filtered", {"divergence": "js"})
+
+PRESETS: dict[str, Preset] = {
+    # The quickstart's comparison: collapse-prone GRPO against two filtered objectives.
+    "quick": Preset("nano", (GRPO_SMALL_BETA, FILTERED_FKL), steps=40, train_prompts=1000, num_generations=8,
+                    batch_size=32, learning_rate=2e-4, eval_prompts=32, eval_samples=32),
+    "cpu": Preset(
+        "nano",
+        (
+            GRPO_SMALL_BETA,
+            RunSpec("grpo β=0.1", "grpo", {"beta": 0.1}),
+            RunSpec("grpo μ=0.8", "grpo", {"beta": 0.04}, target_validity=0.8),
+            FILTERED_FKL,
+            RunSpec("filtered α=0.5", "filtered", {"divergence": "alpha", "alpha": 0.5}),
+            RunSpec("filtered α=0.9", "filtered", {"divergence": "alpha", "alpha": 0.9}),
+            FILTERED_JS,
+        ),
+        steps=60, train_prompts=2000, num_generations=8, batch_size=32, learning_rate=2e-4,
+        eval_prompts=48, eval_samples=64,
+    ),
+    "gpu": Preset(
+        "small",
+        (
+            GRPO_SMALL_BETA,
+            RunSpec("grpo β=0.04", "grpo", {"beta": 0.04}),
+            RunSpec("grpo β=0.2", "grpo", {"beta": 0.2}),
+            RunSpec("grpo μ=0.8", "grpo", {"beta": 0.04}, target_validity=0.8),
+            FILTERED_FKL,
+            *(RunSpec(f"filtered α={a}", "filtered", {"divergence": "alpha", "alpha": a}) for a in (0.25, 0.5, 0.75, 0.9)),
+            FILTERED_JS,
+        ),
+        steps=200, train_prompts=20000, num_generations=16, batch_size=256, learning_rate=5e-5,
+        eval_prompts=200, eval_samples=64, max_completion_length=32,
+    ),
+}  # fmt: skip
+
+
+def slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower().replace("α", "alpha").replace("β", "beta")
+                   .replace("μ", "mu")).strip("-")  # fmt: skip
+
+
+def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> Path:
+    """Train one run from the base model; returns its final model directory (reused when present)."""
+    import torch
+    from trl import GRPOConfig, GRPOTrainer
+
+    from filtered_rl.callbacks import BetaFromValidityCallback
+    from filtered_rl.data import load_task
+    from filtered_rl.trainer import FilteredGRPOConfig, FilteredGRPOTrainer
+
+    final = output_dir / "final"
+    if (final / "config.json").exists():
+        return final
+    on_gpu = torch.cuda.is_available()
+    config_class, trainer_class = (
+        (FilteredGRPOConfig, FilteredGRPOTrainer)
+        if spec.algorithm == "filtered"
+        else (GRPOConfig, GRPOTrainer)
+    )
+    args = config_class(
+        output_dir=str(output_dir),
+        max_steps=preset.steps,
+        learning_rate=preset.learning_rate,
+        lr_scheduler_type="constant",
+        num_generations=preset.num_generations,
+        per_device_train_batch_size=preset.batch_size,
+        max_completion_length=preset.max_completion_length,
+        temperature=1.0,
+        seed=seed,
+        logging_steps=max(1, preset.steps // 20),
+        save_steps=max(1, preset.steps // 2),
+        save_total_limit=1,
+        gradient_checkpointing=False,
+        use_cpu=not on_gpu,
+        bf16=on_gpu,
+        report_to=[],
+        disable_tqdm=True,
+        **spec.options,
+    )
+    task = load_task(
+        "countdown", split="train", seed=seed, countdown_kwargs={"num_train": preset.train_prompts}
+    )
+    trainer = trainer_class(
+        model=str(base_model), reward_funcs=task.verifier, args=args, train_dataset=task.dataset
+    )
+    if spec.target_validity is not None:
+        BetaFromValidityCallback(target_validity=spec.target_validity).attach(trainer)
+    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
+    trainer.save_model(str(final))
+    trainer.processing_class.save_pretrained(str(final))
+    (output_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    return final
+
+
+def evaluate_model(model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> dict:
+    """pass@k, diversity, coverage and KL(p*‖π) on held-out countdown prompts (resumable)."""
+    from filtered_rl.evaluation.runner import SUMMARY_FILE, EvalConfig, run_eval
+
+    if (output_dir / SUMMARY_FILE).exists():
+        return json.loads((output_dir / SUMMARY_FILE).read_text())
+    config = EvalConfig(
+        model=str(model),
+        output_dir=str(output_dir),
+        dataset="countdown",
+        split="test",
+        num_prompts=preset.eval_prompts,
+        num_samples=preset.eval_samples,
+        temperature=1.0,
+        max_new_tokens=preset.max_completion_length,
+        seed=seed,
+        base_model=str(base_model),
+        progress=False,
+    )
+    return run_eval(config)
+
+
+def row_from_summary(name: str, seed: int, summary: dict, minutes: float | None = None) -> dict:
+    ks = sorted(int(k) for k in summary["pass_at_k"])
+    coverage = summary.get("coverage") or {}
+    kl = summary.get("kl_pstar_to_policy") or {}
+    return {
+        "run": name,
+        "seed": seed,
+        "validity": summary["validity"],
+        "pass@1": summary["pass_at_k"]["1"]["mean"],
+        f"pass@{ks[-1]}": summary["pass_at_k"][str(ks[-1])]["mean"],
+        "pass_at_k": {k: summary["pass_at_k"][str(k)]["mean"] for k in ks},
+        "distinct_valid": summary["diversity"]["distinct_valid_answers"],
+        "support_hit": coverage.get("fraction_of_valid_answers_hit"),
+        "pstar_mass_hit": coverage.get("pstar_mass_hit"),
+        "kl_pstar_policy": kl.get("mean") if isinstance(kl, dict) else kl,
+        "train_minutes": minutes,
+    }
+
+
+def run_frontier(
+    preset_name: str, output_dir: Path, seeds: list[int], *, threads: int | None = None
+) -> list[dict]:
+    """Pretrain (cached) the base model, train every run for every seed, evaluate all; write results."""
+    import torch
+
+    from filtered_rl.base_model import load_or_pretrain
+
+    if threads:
+        torch.set_num_threads(threads)
+    preset = PRESETS[preset_name]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    base = load_or_pretrain(size=preset.base_size, seed=0)
+    rows = []
+    for seed in seeds:
+        summary = evaluate_model(base, base, output_dir / "eval" / f"base-seed{seed}", preset, seed)
+        rows.append(row_from_summary("base model", seed, summary))
+        for spec in preset.runs:
+            run_dir = output_dir / "train" / f"{slug(spec.name)}-seed{seed}"
+            start = time.perf_counter()
+            model = train_run(spec, base, run_dir, preset, seed)
+            minutes = (time.perf_counter() - start) / 60
+            summary = evaluate_model(
+                model, base, output_dir / "eval" / f"{slug(spec.name)}-seed{seed}", preset, seed
+            )
+            rows.append(row_from_summary(spec.name, seed, summary, minutes))
+            print(format_table(aggregate(rows)), flush=True)
+    (output_dir / "results.json").write_text(json.dumps({"preset": asdict(preset), "rows": rows}, indent=1))
+    table = format_table(aggregate(rows))
+    (output_dir / "results.md").write_text(table + "\n")
+    plot_frontier(rows, output_dir)
+    return rows
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Mean and spread (standard deviation over seeds) of every metric, per run name, in first-seen order."""
+    names = list(dict.fromkeys(r["run"] for r in rows))
+    out = []
+    for name in names:
+        group = [r for r in rows if r["run"] == name]
+        entry: dict[str, Any] = {"run": name, "seeds": len(group)}
+        for key, value in group[0].items():
+            if (
+                key in ("run", "seed", "pass_at_k")
+                or not isinstance(value, int | float)
+                and value is not None
+            ):
+                continue
+            values = [r[key] for r in group if r[key] is not None]
+            entry[key] = (float(np.mean(values)), float(np.std(values))) if values else None
+        out.append(entry)
+    return out
+
+
+def format_table(aggregated: list[dict]) -> str:
+    """Markdown table; a ± spread appears when there are several seeds."""
+    keys = [k for k in aggregated[0] if k not in ("run", "seeds", "train_minutes")]
+    lines = ["| run | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for entry in aggregated:
+        cells = []
+        for key in keys:
+            value = entry.get(key)
+            if value is None:
+                cells.append("–")
+            else:
+                mean, std = value
+                cells.append(f"{mean:.3f}" + (f" ± {std:.3f}" if entry["seeds"] > 1 else ""))
+        lines.append(f"| {entry['run']} | {entry['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_frontier(rows: list[dict], output_dir: Path) -> tuple[Path, Path]:
+    """pass@k curves (mean over seeds) and the coverage–precision plane (pass@1 vs pass@n per seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["run"] for r in rows))
+    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
+    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
+    for name in names:
+        group = [r for r in rows if r["run"] == name]
+        ks = sorted(group[0]["pass_at_k"], key=int)
+        means = [np.mean([r["pass_at_k"][k] for r in group]) for k in ks]
+        style = dict(color="black", linestyle="--") if name == "base model" else dict(color=colors[name])
+        ax.plot([int(k) for k in ks], means, marker="o", markersize=3, label=name, **style)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (samples per prompt)")
+    ax.set_ylabel("pass@k (held-out prompts)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    passk_path = output_dir / "passk.png"
+    fig.savefig(passk_path)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+    n_key = next(k for k in rows[0] if k.startswith("pass@") and k != "pass@1")
+    for name in names:
+        group = [r for r in rows if r["run"] == name]
+        marker = (
+            dict(marker="*", s=160, color="black")
+            if name == "base model"
+            else dict(marker="o", s=40, color=colors[name])
+        )
+        ax.scatter([r["pass@1"] for r in group], [r[n_key] for r in group], label=name, **marker)
+    ax.set_xlabel("pass@1 (precision)")
+    ax.set_ylabel(f"{n_key} (coverage)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    plane_path = output_dir / "frontier.png"
+    fig.savefig(plane_path)
+    plt.close(fig)
+    return passk_path, plane_path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="cpu", help="experiment size (default: cpu)"
+    )
+    parser.add_argument("--output-dir", default="runs/frontier", help="where runs, summaries and figures go")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training/evaluation seeds")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    rows = run_frontier(args.preset, Path(args.output_dir), args.seeds, threads=args.threads)
+    print(format_table(aggregate(rows)))
+    print(
+        f"\nwrote {args.output_dir}/results.md, passk.png, frontier.png in {(time.perf_counter() - start) / 60:.1f} min"
+    )
+    return 0 if all(math.isfinite(r["validity"]) for r in rows) else 1
