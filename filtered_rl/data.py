@@ -195,13 +195,16 @@ def make_verifier(name: str, gold_column: str | None = None, **options: Any) -> 
 
 
 def _countdown(split: str, limit: int | None, seed: int, kwargs: dict[str, Any]) -> Any:
-    from filtered_rl.countdown import make_countdown_dataset
+    """Countdown prompts of one split: `limit` (or kwargs' num_train/num_test) of them, at most the pool."""
+    from filtered_rl.countdown import make_countdown_dataset, prompt_pool_size
 
     if split not in ("train", "test"):
         raise ValueError(f"countdown has splits 'train' and 'test', got split={split!r}")
-    size = limit or (200 if split == "test" else 2000)
+    task = {k: v for k, v in kwargs.items() if k not in ("num_train", "num_test")}
+    pool = prompt_pool_size(**{k: v for k, v in task.items() if k != "with_solutions"})[split]
+    size = min(limit or kwargs.get(f"num_{split}") or pool, pool)
     sizes = {"num_train": size if split == "train" else 0, "num_test": size if split == "test" else 0}
-    return make_countdown_dataset(**sizes, seed=seed, **kwargs)[split]
+    return make_countdown_dataset(**sizes, seed=seed, **task)[split]
 
 
 def _load_raw(
