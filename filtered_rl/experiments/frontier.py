@@ -57,8 +57,8 @@ FILTERED_JS = RunSpec("filtered JS", "filtered", {"divergence": "js"})
 
 PRESETS: dict[str, Preset] = {
     # The quickstart's comparison: collapse-prone GRPO against two filtered objectives.
-    "quick": Preset("nano", (GRPO_SMALL_BETA, FILTERED_FKL), steps=40, train_prompts=1000, num_generations=8,
-                    batch_size=32, learning_rate=2e-4, eval_prompts=32, eval_samples=32),
+    "quick": Preset("nano", (GRPO_SMALL_BETA, FILTERED_FKL), steps=150, train_prompts=1000, num_generations=8,
+                    batch_size=32, learning_rate=3e-4, eval_prompts=48, eval_samples=32),
     "cpu": Preset(
         "nano",
         (
@@ -142,10 +142,12 @@ def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset,
     if spec.target_validity is not None:
         BetaFromValidityCallback(target_validity=spec.target_validity).attach(trainer)
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
     trainer.save_model(str(final))
     trainer.processing_class.save_pretrained(str(final))
     (output_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
+    (final / "train_minutes.json").write_text(json.dumps((time.perf_counter() - start) / 60))
     return final
 
 
@@ -191,27 +193,34 @@ def row_from_summary(name: str, seed: int, summary: dict, minutes: float | None 
 
 
 def run_frontier(
-    preset_name: str, output_dir: Path, seeds: list[int], *, threads: int | None = None
+    preset: str | Preset,
+    output_dir: Path,
+    seeds: list[int],
+    *,
+    threads: int | None = None,
+    base_model: Path | None = None,
 ) -> list[dict]:
-    """Pretrain (cached) the base model, train every run for every seed, evaluate all; write results."""
+    """Pretrain (cached) the base model, train every run for every seed, evaluate all; write results.
+
+    `preset` is a name in PRESETS or a Preset; `base_model` overrides the preset's pretrained base.
+    """
     import torch
 
     from filtered_rl.base_model import load_or_pretrain
 
     if threads:
         torch.set_num_threads(threads)
-    preset = PRESETS[preset_name]
+    preset = PRESETS[preset] if isinstance(preset, str) else preset
     output_dir.mkdir(parents=True, exist_ok=True)
-    base = load_or_pretrain(size=preset.base_size, seed=0)
+    base = base_model or load_or_pretrain(size=preset.base_size, seed=0)
     rows = []
     for seed in seeds:
         summary = evaluate_model(base, base, output_dir / "eval" / f"base-seed{seed}", preset, seed)
         rows.append(row_from_summary("base model", seed, summary))
         for spec in preset.runs:
             run_dir = output_dir / "train" / f"{slug(spec.name)}-seed{seed}"
-            start = time.perf_counter()
             model = train_run(spec, base, run_dir, preset, seed)
-            minutes = (time.perf_counter() - start) / 60
+            minutes = json.loads((model / "train_minutes.json").read_text())
             summary = evaluate_model(
                 model, base, output_dir / "eval" / f"{slug(spec.name)}-seed{seed}", preset, seed
             )

@@ -1,0 +1,66 @@
+"""The frontier driver: its table arithmetic exactly, and (slow) a whole tiny run end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from filtered_rl.experiments.frontier import (
+    FILTERED_FKL,
+    GRPO_SMALL_BETA,
+    Preset,
+    aggregate,
+    format_table,
+    row_from_summary,
+    run_frontier,
+    slug,
+)
+
+
+def _summary(validity: float, pass_at_4: float, distinct: float) -> dict:
+    return {
+        "validity": validity,
+        "pass_at_k": {"1": {"mean": validity}, "4": {"mean": pass_at_4}},
+        "diversity": {"distinct_valid_answers": distinct},
+        "coverage": {"fraction_of_valid_answers_hit": 0.5, "pstar_mass_hit": None},
+        "kl_pstar_to_policy": {"mean": 1.5},
+    }
+
+
+def test_rows_aggregate_to_mean_and_spread_over_seeds() -> None:
+    rows = [
+        row_from_summary("grpo", s, _summary(v, p, d))
+        for s, (v, p, d) in enumerate([(0.2, 0.5, 1.0), (0.4, 0.7, 3.0)])
+    ]
+    assert rows[0]["pass@4"] == 0.5 and rows[0]["pass_at_k"] == {1: 0.2, 4: 0.5}
+    (entry,) = aggregate(rows)
+    assert entry["seeds"] == 2
+    assert entry["validity"] == pytest.approx((0.3, 0.1))
+    assert entry["distinct_valid"] == pytest.approx((2.0, 1.0))
+    assert entry["pstar_mass_hit"] is None  # absent everywhere: no number is made up
+    table = format_table([entry])
+    assert "| grpo | 2 | 0.300 ± 0.100 |" in table and "–" in table
+
+
+def test_run_names_become_safe_directory_names() -> None:
+    assert slug("grpo β=0.01") == "grpo-beta-0-01"
+    assert slug("filtered α=0.5") == "filtered-alpha-0-5"
+
+
+@pytest.mark.slow
+def test_tiny_frontier_trains_evaluates_plots_and_resumes(nano_model_dir: Path, tmp_path: Path) -> None:
+    preset = Preset("nano", (GRPO_SMALL_BETA, FILTERED_FKL), steps=2, train_prompts=16, num_generations=4,
+                    batch_size=8, learning_rate=1e-4, eval_prompts=4, eval_samples=4)  # fmt: skip
+    rows = run_frontier(preset, tmp_path, [0], threads=1, base_model=nano_model_dir)
+    assert [r["run"] for r in rows] == ["base model", GRPO_SMALL_BETA.name, FILTERED_FKL.name]
+    assert all(0.0 <= r["validity"] <= 1.0 for r in rows)
+    for name in ("results.json", "results.md", "passk.png", "frontier.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert (tmp_path / "passk.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    first = json.loads((tmp_path / "results.json").read_text())["rows"]
+    finished = sorted(p.stat().st_mtime for p in tmp_path.glob("train/*/final/config.json"))
+    again = run_frontier(preset, tmp_path, [0], threads=1, base_model=nano_model_dir)  # all reused
+    assert json.loads(json.dumps(again)) == first
+    assert sorted(p.stat().st_mtime for p in tmp_path.glob("train/*/final/config.json")) == finished
