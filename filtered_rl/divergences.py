@@ -154,6 +154,7 @@ def filtered_advantages(
     log_pi_old: torch.Tensor | None = None,
     pseudo_reward_clip: float = 10.0,
     min_log_partition: float = -30.0,
+    base_validity: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-sequence advantages of the f-DPG objective toward p* (or p_β), with diagnostics.
 
@@ -161,11 +162,13 @@ def filtered_advantages(
     `log_pi` the current policy's sequence log-prob (at sampling time: π_old), `log_ref` the base
     model's, `valid` the binary verdict v ∈ {0, 1}. `target_beta` is a float or a (num_groups,) tensor
     for the tilted target. `log_pi_old` (default `log_pi`) is the sampling policy used for the
-    importance weights of Z(x).
+    importance weights of Z(x). `base_validity` (num_groups,), if given, is an estimate of A(x) from
+    elsewhere (e.g. pooled over earlier visits of the prompt) used instead of the group's own: then
+    Z = A (filtered) or Z_β = (1 − A) + A·e^{1/β} (tilted).
 
-    Steps: log P = log a + log v (filtered) or log a + v/β (tilted); log Z by `group_log_partition`,
-    floored at `min_log_partition`; log t = log π − (log P − log Z); R = −f'(t) clipped to
-    [−clip, clip]; advantage = leave-one-out R. A group with no valid sample (filtered target) has
+    Steps: log P = log a + log v (filtered) or log a + v/β (tilted); log Z by `group_log_partition`
+    (or from `base_validity`), floored at `min_log_partition`; log t = log π − (log P − log Z);
+    R = −f'(t) clipped to [−clip, clip]; advantage = leave-one-out R. A group with no valid sample (filtered target) has
     no estimate of p* and contributes nothing (advantage 0).
     """
     check_divergence(divergence, alpha, target)
@@ -181,7 +184,7 @@ def filtered_advantages(
             raise ValueError(
                 "target='tilted' needs target_beta (or target_validity, converted by the controller)"
             )
-        beta = torch.as_tensor(target_beta, dtype=torch.float64).reshape(-1)
+        beta = torch.as_tensor(target_beta, dtype=torch.float64, device=log_ref.device).reshape(-1)
         if (beta <= 0).any():
             raise ValueError(f"target_beta must be > 0, got {beta.tolist()}")
         beta = (
@@ -193,6 +196,12 @@ def filtered_advantages(
 
     log_z_raw = group_log_partition(log_unnormalised, log_pi_old, group_size)
     has_support = torch.isfinite(log_z_raw)
+    if base_validity is not None:
+        log_a = torch.as_tensor(base_validity, dtype=torch.float64, device=log_pi.device).reshape(-1).log()
+        if target == "filtered":
+            log_z_raw = torch.where(has_support, log_a, log_z_raw)
+        else:  # Z_β = Σ_y a(y)·e^{v(y)/β} = (1 − A) + A·e^{1/β}
+            log_z_raw = torch.logaddexp(torch.log1p(-log_a.exp()), log_a + 1.0 / beta[::group_size])
     log_z = torch.clamp(log_z_raw, min=min_log_partition)
     log_p = log_unnormalised - log_z.repeat_interleave(group_size)
     log_t = log_pi - log_p  # +inf where p(y) = 0
