@@ -62,6 +62,9 @@ SIZES: dict[str, dict[str, int]] = {
 }
 
 
+CACHE_FORMAT_VERSION = 1  # bump when the corpus or model-building code changes what a config produces
+
+
 @dataclass(frozen=True)
 class PretrainConfig:
     """Everything that determines a pretrained base model (and hence its cache key)."""
@@ -96,7 +99,17 @@ class PretrainConfig:
             raise ValueError(f"valid_fraction must be in [0, 1], got {self.valid_fraction}")
 
     def cache_key(self) -> str:
-        blob = json.dumps(asdict(self), sort_keys=True)
+        # The key covers what shapes the weights beyond this config too: the prompt format and the
+        # tokenizer's alphabet, so that a cached model never outlives a change of either.
+        blob = json.dumps(
+            {
+                "config": asdict(self),
+                "format_version": CACHE_FORMAT_VERSION,
+                "prompt_example": countdown.format_prompt([4, 3, 2, 1], 10),
+                "vocab_size": len(build_tokenizer()),
+            },
+            sort_keys=True,
+        )
         return f"{self.size}-seed{self.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 

@@ -63,14 +63,12 @@ PRESETS: dict[str, Preset] = {
         "nano",
         (
             GRPO_SMALL_BETA,
-            RunSpec("grpo β=0.1", "grpo", {"beta": 0.1}),
             RunSpec("grpo μ=0.8", "grpo", {"beta": 0.04}, target_validity=0.8),
             FILTERED_FKL,
             RunSpec("filtered α=0.5", "filtered", {"divergence": "alpha", "alpha": 0.5}),
-            RunSpec("filtered α=0.9", "filtered", {"divergence": "alpha", "alpha": 0.9}),
             FILTERED_JS,
         ),
-        steps=60, train_prompts=2000, num_generations=8, batch_size=32, learning_rate=2e-4,
+        steps=150, train_prompts=1000, num_generations=8, batch_size=32, learning_rate=3e-4,
         eval_prompts=48, eval_samples=64,
     ),
     "gpu": Preset(
