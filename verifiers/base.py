@@ -59,6 +59,13 @@ class BinaryVerifier:
     def __call__(
         self, prompts: list[Any] | None = None, completions: list[Any] | None = None, **columns: Any
     ) -> list[float | None]:
+        texts, rows = self._texts_and_rows(completions, columns)
+        return [self.score(text, row[self.gold_column], row) for text, row in zip(texts, rows)]
+
+    def _texts_and_rows(
+        self, completions: list[Any] | None, columns: dict[str, Any]
+    ) -> tuple[list[str], list[dict[str, Any]]]:
+        """Completion texts and per-completion rows, after checking that the gold column exists."""
         if completions is None:
             raise TypeError(f"{self.__name__}: called without `completions`")
         if self.gold_column not in columns:
@@ -66,10 +73,7 @@ class BinaryVerifier:
                 f"{self.__name__}: the dataset has no column {self.gold_column!r} holding the gold answer; "
                 f"pass gold_column=<name> to the verifier (columns seen: {sorted(columns)})"
             )
-        rows = _rows(columns, len(completions))
-        return [
-            self.score(completion_to_text(c), row[self.gold_column], row) for c, row in zip(completions, rows)
-        ]
+        return [completion_to_text(c) for c in completions], _rows(columns, len(completions))
 
 
 def _rows(columns: dict[str, Any], n: int) -> list[dict[str, Any]]:

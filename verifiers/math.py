@@ -29,7 +29,7 @@ import sys
 import threading
 from typing import Any
 
-from .base import BinaryVerifier, _rows, completion_to_text
+from .base import BinaryVerifier, completion_to_text
 from .sandbox import WorkerPool
 
 __all__ = ["GOLD_STYLES", "MathVerifier", "extract_gold", "extract_prediction", "verify_math"]
@@ -277,17 +277,9 @@ class MathVerifier(BinaryVerifier):
     def __call__(
         self, prompts: list[Any] | None = None, completions: list[Any] | None = None, **columns: Any
     ) -> list[float | None]:
-        if completions is None:
-            raise TypeError(f"{self.__name__}: called without `completions`")
-        if self.gold_column not in columns:
-            raise KeyError(
-                f"{self.__name__}: the dataset has no column {self.gold_column!r} holding the gold answer; "
-                f"pass gold_column=<name> to MathVerifier (columns seen: {sorted(columns)})"
-            )
-        rows = _rows(columns, len(completions))
+        texts, rows = self._texts_and_rows(completions, columns)
         golds = [row[self.gold_column] for row in rows]
         todo = [i for i, gold in enumerate(golds) if _usable(gold)]
-        texts = [completion_to_text(c) for c in completions]
         replies = self._judge_many(
             [_request(texts[i], golds[i], self.gold_style, self.timeout, want_key=True) for i in todo]
         )
