@@ -463,6 +463,33 @@ def _blocked_ancestors(paths: list[str], uid: int) -> dict[str, set[str]]:
     return blocked
 
 
+def _mount_private_tmpfs(path: str, options: str) -> bool:
+    """Cover `path` (/tmp, /var/tmp, /dev/shm) with a fresh tmpfs, keeping reachable what the worker needs.
+
+    When the interpreter, the virtual environment or this project live below `path` (a checkout in
+    /tmp, say), a plain tmpfs would hide them from the worker. Each such top-level entry is opened as an
+    O_PATH descriptor before the tmpfs goes on, then bind-mounted back read-only through
+    /proc/self/fd: the program sees those directories (read-only) and an otherwise empty `path`.
+    """
+    needed = {*_python_paths(), os.path.dirname(os.path.abspath(__file__))}
+    prefix = path.rstrip("/") + "/"
+    children = sorted({p[len(prefix) :].split("/", 1)[0] for p in needed if p.startswith(prefix)} - {""})
+    fds = {child: os.open(prefix + child, os.O_PATH | os.O_DIRECTORY) for child in children}
+    try:
+        if not _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options):
+            return False
+        for child, fd in fds.items():
+            target = prefix + child
+            os.mkdir(target)
+            if not _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC):
+                return False
+            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
+        return True
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
 def _expose_python(uid: int | None) -> bool:
     """Make the interpreter and its import paths reachable by the sandbox uid.
 
@@ -573,7 +600,7 @@ class _Isolation:
                 self.mount_namespace = _mount(None, "/", None, MS_REC | MS_PRIVATE)
             if self.mount_namespace:
                 # A scratch tmpfs for _expose_python's bind mounts, later covered by the real private /tmp.
-                _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0700")
+                _mount_private_tmpfs("/tmp", "size=1m,mode=0700")
                 self.python_exposed = _expose_python(self.uid)
                 self.readonly_root = _make_tree_readonly()
                 # Fresh writable tmpfs mounts on top of the read-only tree (the scratch one stays underneath).
@@ -583,7 +610,7 @@ class _Isolation:
                     ("/dev/shm", f"size={min(tmpfs_bytes, 64 << 20)},mode=1777"),
                 ):
                     if os.path.isdir(path):
-                        mounted = _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, opts)
+                        mounted = _mount_private_tmpfs(path, opts)
                         self.private_shm |= mounted and path == "/dev/shm"
                 self.tmp_root = "/tmp"
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY) if namespaces else None
