@@ -223,7 +223,11 @@ def run_frontier(
                 model, base, output_dir / "eval" / f"{slug(spec.name)}-seed{seed}", preset, seed
             )
             rows.append(row_from_summary(spec.name, seed, summary, minutes))
-            print(format_table(aggregate(rows)), flush=True)
+            print(
+                f"done: {spec.name} (seed {seed}): pass@1 {rows[-1]['pass@1']:.3f}, "
+                f"distinct valid {rows[-1]['distinct_valid']:.2f}, {minutes:.1f} min of training",
+                flush=True,
+            )
     (output_dir / "results.json").write_text(json.dumps({"preset": asdict(preset), "rows": rows}, indent=1))
     table = format_table(aggregate(rows))
     (output_dir / "results.md").write_text(table + "\n")
