@@ -343,34 +343,18 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
 
 def validity_and_diversity(model, tokenizer, rows, num_samples=64, max_new_tokens=24, seed=123):
     """Per prompt: the valid fraction and the number of distinct valid answers (canonical forms)."""
+    from filtered_rl.base_model_report import sample_completions
     from filtered_rl.countdown import canonical_answer, verify_answer
 
-    model.eval()
-    torch.manual_seed(seed)
+    samples = sample_completions(
+        model, tokenizer, [r["prompt"] for r in rows], num_samples,
+        max_new_tokens=max_new_tokens, batch_size=8 * num_samples, seed=seed,
+    )  # fmt: skip
     validity, distinct = [], []
-    for start in range(0, len(rows), 8):
-        chunk = rows[start : start + 8]
-        enc = tokenizer(
-            [r["prompt"] for r in chunk], return_tensors="pt", padding=True, add_special_tokens=False
-        )
-        with torch.no_grad():
-            out = model.generate(
-                **enc.to(model.device),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-        for i, row in enumerate(chunk):
-            samples = texts[i * num_samples : (i + 1) * num_samples]
-            valid = [t for t in samples if verify_answer(t, row["numbers"], row["target"])]
-            validity.append(len(valid) / num_samples)
-            distinct.append(len({canonical_answer(t, row["numbers"]) for t in valid}))
+    for row, texts in zip(rows, samples):
+        valid = [t for t in texts if verify_answer(t, row["numbers"], row["target"])]
+        validity.append(len(valid) / num_samples)
+        distinct.append(len({canonical_answer(t, row["numbers"]) for t in valid}))
     return validity, distinct
 
 
