@@ -16,38 +16,9 @@ import json
 import random
 from pathlib import Path
 
+from _tiny_model import has_digit
+
 NUM_PROMPTS, GROUP = 3, 4
-
-
-def save_tiny_model(directory: Path) -> Path:
-    """A random 2-layer Qwen2 with the project's character tokenizer, saved as a Hugging Face directory."""
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from filtered_rl.base_model import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def has_digit(completions, **kwargs):
-    return [float(any(ch.isdigit() for ch in c)) for c in completions]
 
 
 def deterministic_rollout(prompts, trainer):

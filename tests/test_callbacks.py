@@ -9,6 +9,7 @@ import torch
 
 pytest.importorskip("trl")
 
+from _tiny_model import has_digit, save_tiny_model  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 
@@ -32,32 +33,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random 2-layer Qwen2 with the project's character tokenizer: mechanics need no training."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from filtered_rl.base_model import build_tokenizer
-
-    directory = tmp_path_factory.mktemp("tiny_model")
-    tokenizer = build_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def has_digit(completions, **kwargs):
-    """Toy verifier: valid iff the completion contains a digit (a fair share of the random model's samples)."""
-    return [float(any(ch.isdigit() for ch in c)) for c in completions]
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
 
 
 def prompts(n: int = 8) -> Dataset:

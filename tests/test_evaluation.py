@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _tiny_model import save_tiny_model
 
 from filtered_rl.data import CODE_SYSTEM_PROMPT, MATH_SYSTEM_PROMPT, build_prompt, load_task, render_prompt
 from filtered_rl.evaluation.generate import HFSampler, _filter_top_p, sample_seed, sequence_logprobs
@@ -23,30 +24,13 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A random 2-layer Qwen2 with the project's character tokenizer (validity ~0, fast)."""
-    from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    from filtered_rl.base_model import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    return save_tiny_model(
+        tmp_path_factory.mktemp("tiny-model"),
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=256,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        max_new_tokens=6,
     )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, max_new_tokens=6)
-    path = tmp_path_factory.mktemp("tiny-model")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def _load(path):

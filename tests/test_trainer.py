@@ -32,7 +32,7 @@ def even_bytes(completions, **kwargs):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A random 2-layer Qwen2 with the project's character tokenizer (mechanics tests need no training)."""
-    from _ddp_filtered_step import save_tiny_model
+    from _tiny_model import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny"))
 
