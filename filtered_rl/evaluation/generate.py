@@ -74,6 +74,16 @@ def _draw(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_(max=logprobs.shape[-1] - 1).squeeze(-1)
 
 
+def _check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """The sampling settings both backends accept."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+
+
 class HFSampler:
     """Samples from a causal LM held in memory (transformers), in batches of `batch_size` sequences."""
 
@@ -87,12 +97,7 @@ class HFSampler:
         max_new_tokens: int = 256,
         seed: int = 0,
     ) -> None:
-        if temperature < 0:
-            raise ValueError(f"temperature must be ≥ 0 (0 = greedy), got {temperature}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be ≥ 1, got {max_new_tokens}")
+        _check_sampling(temperature, top_p, max_new_tokens)
         self.model, self.tokenizer = model, tokenizer
         self.temperature, self.top_p, self.max_new_tokens, self.seed = (
             temperature,
@@ -260,6 +265,7 @@ class VLLMSampler:
         seed: int = 0,
         dtype: str = "auto",
     ) -> None:
+        _check_sampling(temperature, top_p, max_new_tokens)
         try:
             from vllm import LLM, SamplingParams
         except ImportError as err:
