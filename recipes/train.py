@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from filtered_rl.callbacks import BetaFromValidityCallback
     from filtered_rl.data import load_task
-    from filtered_rl.trainer import FilteredGRPOTrainer
+    from filtered_rl.trainer import FilteredGRPOTrainer, end_run
 
     trainer_class = {"grpo": GRPOTrainer, "rloo": RLOOTrainer, "filtered": FilteredGRPOTrainer}[algorithm]
     task = load_task(
@@ -205,8 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"model saved to {training_args.output_dir}")
-    if hasattr(trainer, "end"):
-        trainer.end()
+    end_run(trainer)
 
 
 if __name__ == "__main__":

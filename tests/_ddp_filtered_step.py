@@ -46,7 +46,7 @@ def main() -> None:
     import torch
     from datasets import Dataset
 
-    from filtered_rl.trainer import FilteredGRPOConfig, FilteredGRPOTrainer
+    from filtered_rl.trainer import FilteredGRPOConfig, FilteredGRPOTrainer, end_run
 
     torch.set_num_threads(1)
     config = FilteredGRPOConfig(
@@ -87,6 +87,7 @@ def main() -> None:
             "weight_delta": (after - before).tolist(),
         }
         Path(args.out).write_text(json.dumps(result))
+    end_run(trainer)
 
 
 if __name__ == "__main__":
