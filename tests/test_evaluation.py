@@ -4,12 +4,12 @@ import json
 import math
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import run_launch
 from _tiny_model import save_tiny_model
 
 from filtered_rl.data import CODE_SYSTEM_PROMPT, MATH_SYSTEM_PROMPT, build_prompt, load_task, render_prompt
@@ -366,7 +366,7 @@ def test_two_processes_give_the_same_results_as_one(tiny_model_dir, tmp_path):
         "--output-dir",
         str(tmp_path / "two"),
     ]
-    result = subprocess.run(launch, env=env, cwd=REPO_ROOT, capture_output=True, text=True)
+    result = run_launch(launch, env=env, cwd=REPO_ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     one = json.loads((tmp_path / "one" / "summary.json").read_text())
     two = json.loads((tmp_path / "two" / "summary.json").read_text())

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _launch import run_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
@@ -72,25 +72,7 @@ def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
         str(ROOT / "recipes" / "train.py"), *args,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    # Its own session, so a hung run is killed with its worker processes instead of leaving them orphaned.
-    process = subprocess.Popen(
-        command,
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        stdout, stderr = process.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-        pytest.fail(
-            f"the 2-process run did not exit within 300 s; last output:\n{stdout[-2000:]}\n{stderr[-2000:]}"
-        )
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    return run_launch(command, env=env, cwd=cwd)
 
 
 @pytest.mark.slow

@@ -7,12 +7,12 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from _launch import run_launch
 
 pytest.importorskip("trl")
 
@@ -318,7 +318,7 @@ def _run_step(script_args: list[str], nproc: int, out: Path, tiny_model_dir: Pat
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
         cmd = [torchrun, "--standalone", f"--nproc_per_node={nproc}", helper]
     cmd += ["--model", str(tiny_model_dir), "--out", str(out), "--world-size", str(nproc), *script_args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_launch(cmd, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return json.loads(out.read_text())
 

@@ -1,0 +1,36 @@
+"""Run a multi-process launch (accelerate / torchrun) from a test, bounded in time.
+
+The launch gets its own session, so that on timeout the launcher *and* its worker processes are killed:
+`subprocess.run(timeout=...)` kills only the launcher and leaves a hung worker running after the test.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+
+import pytest
+
+
+def run_launch(
+    command: list[str], *, env: dict, cwd=None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    process = subprocess.Popen(
+        command,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(
+            f"{command[:4]}… did not exit within {timeout} s; last output:\n{stdout[-2000:]}\n{stderr[-2000:]}"
+        )
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
