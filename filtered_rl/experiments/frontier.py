@@ -59,16 +59,32 @@ PRESETS: dict[str, Preset] = {
     # The quickstart's comparison: collapse-prone GRPO against two filtered objectives.
     "quick": Preset("nano", (GRPO_SMALL_BETA, FILTERED_FKL), steps=150, train_prompts=1000, num_generations=8,
                     batch_size=32, learning_rate=3e-4, eval_prompts=48, eval_samples=32),
+    # The issue's sweep (a few β and the μ controller; α ∈ {0, .25, .5, .75, .9} and JS) at the quickstart's budget.
     "cpu": Preset(
         "nano",
         (
             GRPO_SMALL_BETA,
+            RunSpec("grpo β=0.04", "grpo", {"beta": 0.04}),
+            RunSpec("grpo β=0.2", "grpo", {"beta": 0.2}),
             RunSpec("grpo μ=0.8", "grpo", {"beta": 0.04}, target_validity=0.8),
             FILTERED_FKL,
-            RunSpec("filtered α=0.5", "filtered", {"divergence": "alpha", "alpha": 0.5}),
+            *(RunSpec(f"filtered α={a}", "filtered", {"divergence": "alpha", "alpha": a}) for a in (0.25, 0.5, 0.75, 0.9)),
             FILTERED_JS,
         ),
         steps=150, train_prompts=1000, num_generations=8, batch_size=32, learning_rate=3e-4,
+        eval_prompts=48, eval_samples=64,
+    ),
+    # Four times the budget for the moderate-β GRPO runs and two filtered ones: where do they go with training?
+    "cpu-long": Preset(
+        "nano",
+        (
+            RunSpec("grpo β=0.04", "grpo", {"beta": 0.04}),
+            RunSpec("grpo β=0.2", "grpo", {"beta": 0.2}),
+            RunSpec("grpo μ=0.8", "grpo", {"beta": 0.04}, target_validity=0.8),
+            FILTERED_FKL,
+            RunSpec("filtered α=0.5", "filtered", {"divergence": "alpha", "alpha": 0.5}),
+        ),
+        steps=600, train_prompts=1000, num_generations=8, batch_size=32, learning_rate=3e-4,
         eval_prompts=48, eval_samples=64,
     ),
     "gpu": Preset(
@@ -273,7 +289,8 @@ def format_table(aggregated: list[dict]) -> str:
 
 
 def plot_frontier(rows: list[dict], output_dir: Path) -> tuple[Path, Path]:
-    """pass@k curves (mean over seeds) and the coverage–precision plane (pass@1 vs pass@n per seed)."""
+    """pass@k curves (mean over seeds); the coverage–precision plane (pass@1 vs pass@n per seed) and
+    pass@1 vs distinct valid answers (mean ± std over seeds)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -299,20 +316,37 @@ def plot_frontier(rows: list[dict], output_dir: Path) -> tuple[Path, Path]:
     fig.savefig(passk_path)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2), dpi=120)
+    # Left: the coverage–precision plane per seed. pass@n saturates when a task has many valid answers per
+    # prompt, so the right panel puts the number of distinct valid answers (mean ± std over seeds) beside it.
+    fig, (ax, ax_distinct) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
     n_key = next(k for k in rows[0] if k.startswith("pass@") and k != "pass@1")
     for name in names:
         group = [r for r in rows if r["run"] == name]
+        base = name == "base model"
         marker = (
-            dict(marker="*", s=160, color="black")
-            if name == "base model"
-            else dict(marker="o", s=40, color=colors[name])
+            dict(marker="*", s=160, color="black") if base else dict(marker="o", s=40, color=colors[name])
         )
         ax.scatter([r["pass@1"] for r in group], [r[n_key] for r in group], label=name, **marker)
+        precision = [r["pass@1"] for r in group]
+        distinct = [r["distinct_valid"] for r in group]
+        ax_distinct.errorbar(
+            np.mean(precision),
+            np.mean(distinct),
+            xerr=np.std(precision) if len(group) > 1 else None,
+            yerr=np.std(distinct) if len(group) > 1 else None,
+            fmt="*" if base else "o",
+            markersize=12 if base else 6,
+            color="black" if base else colors[name],
+            capsize=2,
+            label=name,
+        )
     ax.set_xlabel("pass@1 (precision)")
     ax.set_ylabel(f"{n_key} (coverage)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax_distinct.set_xlabel("pass@1 (precision)")
+    ax_distinct.set_ylabel(f"distinct valid answers per prompt (of {n_key[5:]} samples)")
+    for axis in (ax, ax_distinct):
+        axis.grid(alpha=0.3)
+    ax_distinct.legend(fontsize=7)
     fig.tight_layout()
     plane_path = output_dir / "frontier.png"
     fig.savefig(plane_path)
