@@ -458,7 +458,7 @@ def end_run(trainer: Any) -> None:
     Call it last, after `save_model`. Any TRL/transformers trainer works. Why the barrier: when one process
     reaches interpreter exit while gloo's worker thread in another still releases a finished all-gather,
     the process-group destructor and that thread deadlock (one process never exits; seen in 2 of 6 two-process
-    CPU runs with torch 2.13, none in 24 with the barrier). `Trainer.end()` alone does not prevent it.
+    CPU runs with torch 2.13, none in 54 with the barrier). `Trainer.end()` alone does not prevent it.
     """
     trainer.accelerator.wait_for_everyone()
     trainer.end()
