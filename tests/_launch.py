@@ -1,4 +1,4 @@
-"""Run a multi-process launch (accelerate / torchrun) from a test, bounded in time.
+"""Run a multi-process launch (accelerate / torchrun) from a test, bounded in time, on a free port.
 
 The launch gets its own session, so that on timeout the launcher *and* its worker processes are killed:
 `subprocess.run(timeout=...)` kills only the launcher and leaves a hung worker running after the test.
@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 
 import pytest
+
+
+def free_port() -> int:
+    """A free local TCP port for the launcher's rendezvous (`--main_process_port`)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_launch(

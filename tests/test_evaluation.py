@@ -3,13 +3,12 @@
 import json
 import math
 import os
-import socket
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from _launch import run_launch
+from _launch import free_port, run_launch
 from _tiny_model import save_tiny_model
 
 from filtered_rl.data import CODE_SYSTEM_PROMPT, MATH_SYSTEM_PROMPT, build_prompt, load_task, render_prompt
@@ -324,12 +323,6 @@ def test_cli_eval_then_plot_writes_summary_and_png(tiny_model_dir, tmp_path, cap
         main(["plot", str(tmp_path / "run0"), "-o", str(png), "--labels", "a", "b"])
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_give_the_same_results_as_one(tiny_model_dir, tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo) vs a plain run: identical samples and summary."""
     common = [
@@ -358,7 +351,7 @@ def test_two_processes_give_the_same_results_as_one(tiny_model_dir, tmp_path):
         "--config_file",
         str(REPO_ROOT / "accelerate_configs" / "cpu_2proc.yaml"),
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         "-m",
         "filtered_rl.cli",
         "eval",

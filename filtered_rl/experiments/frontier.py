@@ -18,7 +18,7 @@ import argparse
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,55 +52,46 @@ class Preset:
 
 
 GRPO_SMALL_BETA = RunSpec("grpo β=0.01", "grpo", {"beta": 0.01})
+GRPO_BETA_004 = RunSpec("grpo β=0.04", "grpo", {"beta": 0.04})
+GRPO_BETA_02 = RunSpec("grpo β=0.2", "grpo", {"beta": 0.2})
+GRPO_MU_08 = RunSpec("grpo μ=0.8", "grpo", {"beta": 0.04}, target_validity=0.8)
 FILTERED_FKL = RunSpec("filtered forward KL", "filtered", {"divergence": "forward_kl"})
+FILTERED_ALPHA = {
+    a: RunSpec(f"filtered α={a}", "filtered", {"divergence": "alpha", "alpha": a})
+    for a in (0.25, 0.5, 0.75, 0.9)
+}
 FILTERED_JS = RunSpec("filtered JS", "filtered", {"divergence": "js"})
+# The sweep: a few β and the μ controller; α ∈ {0 (forward KL), .25, .5, .75, .9} and JS.
+SWEEP = (
+    GRPO_SMALL_BETA,
+    GRPO_BETA_004,
+    GRPO_BETA_02,
+    GRPO_MU_08,
+    FILTERED_FKL,
+    *FILTERED_ALPHA.values(),
+    FILTERED_JS,
+)
 
+_CPU = Preset(
+    "nano",
+    SWEEP,
+    steps=150,
+    train_prompts=1000,
+    num_generations=8,
+    batch_size=32,
+    learning_rate=3e-4,
+    eval_prompts=48,
+    eval_samples=64,
+)
 PRESETS: dict[str, Preset] = {
-    # The quickstart's comparison: collapse-prone GRPO against two filtered objectives.
-    "quick": Preset("nano", (GRPO_SMALL_BETA, FILTERED_FKL), steps=150, train_prompts=1000, num_generations=8,
-                    batch_size=32, learning_rate=3e-4, eval_prompts=48, eval_samples=32),
-    # The sweep (a few β and the μ controller; α ∈ {0, .25, .5, .75, .9} and JS) at the quickstart's budget.
-    "cpu": Preset(
-        "nano",
-        (
-            GRPO_SMALL_BETA,
-            RunSpec("grpo β=0.04", "grpo", {"beta": 0.04}),
-            RunSpec("grpo β=0.2", "grpo", {"beta": 0.2}),
-            RunSpec("grpo μ=0.8", "grpo", {"beta": 0.04}, target_validity=0.8),
-            FILTERED_FKL,
-            *(RunSpec(f"filtered α={a}", "filtered", {"divergence": "alpha", "alpha": a}) for a in (0.25, 0.5, 0.75, 0.9)),
-            FILTERED_JS,
-        ),
-        steps=150, train_prompts=1000, num_generations=8, batch_size=32, learning_rate=3e-4,
-        eval_prompts=48, eval_samples=64,
-    ),
+    # The quickstart's comparison: collapse-prone GRPO against the forward-KL filtered objective.
+    "quick": replace(_CPU, runs=(GRPO_SMALL_BETA, FILTERED_FKL), eval_samples=32),
+    "cpu": _CPU,
     # Four times the budget for the moderate-β GRPO runs and two filtered ones: where do they go with training?
-    "cpu-long": Preset(
-        "nano",
-        (
-            RunSpec("grpo β=0.04", "grpo", {"beta": 0.04}),
-            RunSpec("grpo β=0.2", "grpo", {"beta": 0.2}),
-            RunSpec("grpo μ=0.8", "grpo", {"beta": 0.04}, target_validity=0.8),
-            FILTERED_FKL,
-            RunSpec("filtered α=0.5", "filtered", {"divergence": "alpha", "alpha": 0.5}),
-        ),
-        steps=600, train_prompts=1000, num_generations=8, batch_size=32, learning_rate=3e-4,
-        eval_prompts=48, eval_samples=64,
-    ),
-    "gpu": Preset(
-        "small",
-        (
-            GRPO_SMALL_BETA,
-            RunSpec("grpo β=0.04", "grpo", {"beta": 0.04}),
-            RunSpec("grpo β=0.2", "grpo", {"beta": 0.2}),
-            RunSpec("grpo μ=0.8", "grpo", {"beta": 0.04}, target_validity=0.8),
-            FILTERED_FKL,
-            *(RunSpec(f"filtered α={a}", "filtered", {"divergence": "alpha", "alpha": a}) for a in (0.25, 0.5, 0.75, 0.9)),
-            FILTERED_JS,
-        ),
-        steps=200, train_prompts=20000, num_generations=16, batch_size=256, learning_rate=5e-5,
-        eval_prompts=200, eval_samples=64, max_completion_length=32,
-    ),
+    "cpu-long": replace(_CPU, runs=(GRPO_BETA_004, GRPO_BETA_02, GRPO_MU_08, FILTERED_FKL, FILTERED_ALPHA[0.5]),
+                        steps=600),
+    "gpu": Preset("small", SWEEP, steps=200, train_prompts=20000, num_generations=16, batch_size=256,
+                  learning_rate=5e-5, eval_prompts=200, eval_samples=64, max_completion_length=32),
 }  # fmt: skip
 
 
@@ -326,9 +317,9 @@ def plot_frontier(rows: list[dict], output_dir: Path) -> tuple[Path, Path]:
         marker = (
             dict(marker="*", s=160, color="black") if base else dict(marker="o", s=40, color=colors[name])
         )
-        ax.scatter([r["pass@1"] for r in group], [r[n_key] for r in group], label=name, **marker)
         precision = [r["pass@1"] for r in group]
         distinct = [r["distinct_valid"] for r in group]
+        ax.scatter(precision, [r[n_key] for r in group], label=name, **marker)
         ax_distinct.errorbar(
             np.mean(precision),
             np.mean(distinct),
