@@ -55,13 +55,13 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from filtered_rl.countdown import make_countdown_dataset
+    from filtered_rl.synthetic.countdown import make_countdown_dataset
     from filtered_rl.evaluation.generate import HFSampler
     from filtered_rl.evaluation.runner import plan_batches, prompt_seed
 
     torch.set_num_threads(args.threads)
     if args.model is None:
-        from filtered_rl.base_model import load_or_pretrain
+        from filtered_rl.synthetic.base_model import load_or_pretrain
 
         args.model = str(load_or_pretrain("nano", seed=0))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -67,10 +67,10 @@ def main() -> None:
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
-    from filtered_rl.base_model import load_or_pretrain
-    from filtered_rl.countdown import make_countdown_dataset
+    from filtered_rl.synthetic.base_model import load_or_pretrain
+    from filtered_rl.synthetic.countdown import make_countdown_dataset
     from filtered_rl.trainer import FilteredGRPOConfig, FilteredGRPOTrainer
-    from filtered_rl.verifiers.countdown import CountdownVerifier
+    from filtered_rl.synthetic.countdown_verifier import CountdownVerifier
 
     torch.set_num_threads(args.threads)
     model = args.model or str(load_or_pretrain(size="nano", seed=0))

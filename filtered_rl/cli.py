@@ -12,16 +12,22 @@ import importlib
 import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
-    "pretrain": ("filtered_rl.base_model", "build the tokenizer and pretrain the synthetic-task base model"),
+    "pretrain": (
+        "filtered_rl.synthetic.base_model",
+        "build the tokenizer and pretrain the synthetic-task base model",
+    ),
     "sample": (
-        "filtered_rl.base_model_report",
+        "filtered_rl.synthetic.report",
         "sample a model on the synthetic task; print validity/diversity",
     ),
     "eval": ("filtered_rl.evaluation.cli", "pass@1/pass@k, coverage and diversity of a model on a dataset"),
     "plot": ("filtered_rl.evaluation.plots", "plot pass@k curves from one or more summary files"),
-    "toy": ("filtered_rl.experiments.toy", "the exact enumerable toy: KL-control vs filtered objectives"),
-    "frontier": ("filtered_rl.experiments.frontier", "GRPO+KL vs filtered objectives on the base model"),
-    "quickstart": ("filtered_rl.quickstart", "pretrain, train GRPO+KL and the filtered objective, evaluate"),
+    "toy": ("filtered_rl.synthetic.toy", "the exact enumerable toy: KL-control vs filtered objectives"),
+    "frontier": ("filtered_rl.synthetic.frontier", "GRPO+KL vs filtered objectives on the base model"),
+    "quickstart": (
+        "filtered_rl.synthetic.quickstart",
+        "pretrain, train GRPO+KL and the filtered objective, evaluate",
+    ),
 }
 
 

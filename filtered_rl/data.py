@@ -52,7 +52,7 @@ class Task:
     def valid_answers(self, row: dict[str, Any]) -> set[str] | None:
         """Every valid answer (as `verifier.answer_key` writes it) when the task can enumerate them."""
         if self.kind == "countdown":
-            from filtered_rl.countdown import enumerate_solutions
+            from filtered_rl.synthetic.countdown import enumerate_solutions
 
             return enumerate_solutions(row["numbers"], row["target"])
         return None
@@ -182,7 +182,7 @@ def make_verifier(name: str, gold_column: str | None = None, **options: Any) -> 
     elif name == "code":
         from filtered_rl.verifiers.code import CodeVerifier as cls
     elif name == "countdown":
-        from filtered_rl.verifiers.countdown import CountdownVerifier as cls
+        from filtered_rl.synthetic.countdown_verifier import CountdownVerifier as cls
     else:
         raise ValueError(f"unknown verifier {name!r}: choose one of {', '.join(VERIFIER_NAMES)}")
     verifier = cls(**options)
@@ -196,7 +196,7 @@ def make_verifier(name: str, gold_column: str | None = None, **options: Any) -> 
 
 def _countdown(split: str, limit: int | None, seed: int, kwargs: dict[str, Any]) -> Any:
     """Countdown prompts of one split: `limit` (or kwargs' num_train/num_test) of them, at most the pool."""
-    from filtered_rl.countdown import make_countdown_dataset, prompt_pool_size
+    from filtered_rl.synthetic.countdown import make_countdown_dataset, prompt_pool_size
 
     if split not in ("train", "test"):
         raise ValueError(f"countdown has splits 'train' and 'test', got split={split!r}")

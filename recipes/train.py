@@ -131,7 +131,7 @@ def resolve_model(name_or_path: str) -> str:
     """Hub name or path as given; `filtered-rl:<size>` builds (once, cached) the project's base model."""
     if not name_or_path.startswith(OWN_MODEL_PREFIX):
         return name_or_path
-    from filtered_rl.base_model import load_or_pretrain
+    from filtered_rl.synthetic.base_model import load_or_pretrain
 
     return str(load_or_pretrain(size=name_or_path[len(OWN_MODEL_PREFIX) :], seed=0))
 

@@ -21,7 +21,7 @@ def save_tiny_model(
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-    from filtered_rl.base_model import build_tokenizer
+    from filtered_rl.synthetic.base_model import build_tokenizer
 
     tokenizer = build_tokenizer()
     config = Qwen2Config(

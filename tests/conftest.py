@@ -17,7 +17,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def countdown_data():
     """A small countdown DatasetDict: 64 train / 32 test prompts (held-out from pretraining)."""
-    from filtered_rl.countdown import make_countdown_dataset
+    from filtered_rl.synthetic.countdown import make_countdown_dataset
 
     return make_countdown_dataset(64, 32, seed=0)
 
@@ -30,6 +30,6 @@ def nano_model_dir() -> Path:
     lock), later ones load it. Its held-out validity is ~9 % with ~2.4 distinct valid answers per
     prompt (32 samples); tests/test_base_model.py checks it stays non-trivial.
     """
-    from filtered_rl.base_model import TEST_PRESET, load_or_pretrain
+    from filtered_rl.synthetic.base_model import TEST_PRESET, load_or_pretrain
 
     return load_or_pretrain(cache_dir=REPO_ROOT / ".cache" / "filtered-rl", progress=False, **TEST_PRESET)

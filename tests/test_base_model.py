@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from filtered_rl.base_model import (
+from filtered_rl.synthetic.base_model import (
     SIZES,
     Corpus,
     _batch,
@@ -19,7 +19,7 @@ from filtered_rl.base_model import (
     make_config,
     pretrain_base_model,
 )
-from filtered_rl.countdown import format_prompt, random_expression
+from filtered_rl.synthetic.countdown import format_prompt, random_expression
 
 # A few-step configuration: enough to test mechanics, not to learn the task.
 TINY = dict(
@@ -152,7 +152,7 @@ def test_pretrain_cli(tmp_path, capsys):
 
 
 def test_fixture_model_has_nontrivial_validity(nano_model_dir, countdown_data):
-    from filtered_rl.base_model_report import validity_report
+    from filtered_rl.synthetic.report import validity_report
 
     report = validity_report(nano_model_dir, countdown_data["test"], num_samples=16, max_prompts=24)
     assert report["overall_validity"] > 0.05
@@ -173,8 +173,8 @@ def test_sample_cli_prints_a_histogram(nano_model_dir, capsys):
 @pytest.mark.slow
 def test_full_nano_model_has_a_validity_spread(tmp_path):
     """The default nano model: most held-out prompts solved sometimes, in several ways."""
-    from filtered_rl.base_model_report import validity_report
-    from filtered_rl.countdown import make_countdown_dataset
+    from filtered_rl.synthetic.report import validity_report
+    from filtered_rl.synthetic.countdown import make_countdown_dataset
 
     path = load_or_pretrain("nano", seed=0)
     report = validity_report(path, make_countdown_dataset(0, 64, seed=0)["test"], num_samples=32)
@@ -186,7 +186,7 @@ def test_full_nano_model_has_a_validity_spread(tmp_path):
 def test_grpo_trainer_accepts_the_model_directory(nano_model_dir, countdown_data, tmp_path):
     from trl import GRPOConfig, GRPOTrainer
 
-    from filtered_rl.verifiers.countdown import CountdownVerifier
+    from filtered_rl.synthetic.countdown_verifier import CountdownVerifier
 
     args = GRPOConfig(
         output_dir=str(tmp_path),

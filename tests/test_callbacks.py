@@ -87,7 +87,7 @@ def spy_generations(trainer, callback):
 
 
 def test_grpo_nano_countdown_sets_and_logs_beta_every_step(nano_model_dir, countdown_data, tmp_path):
-    from filtered_rl.verifiers.countdown import CountdownVerifier
+    from filtered_rl.synthetic.countdown_verifier import CountdownVerifier
 
     trainer = make_trainer(
         "grpo",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from filtered_rl.countdown import (
+from filtered_rl.synthetic.countdown import (
     MAX_NUMBER,
     MAX_TARGET,
     MIN_SOLUTIONS,
@@ -27,7 +27,7 @@ from filtered_rl.countdown import (
     prompt_pool_size,
     random_expression,
 )
-from filtered_rl.verifiers.countdown import CountdownVerifier, verify_countdown
+from filtered_rl.synthetic.countdown_verifier import CountdownVerifier, verify_countdown
 
 NUMBERS, TARGET = [3, 5, 7, 9], 24
 
@@ -368,16 +368,20 @@ def test_countdown_verifier_names_missing_columns():
 
 
 def test_verifiers_package_is_only_importable_as_filtered_rl_verifiers(tmp_path):
+    """The tree matches the import path, and no top-level `verifiers` module of ours exists anywhere."""
     import filtered_rl.verifiers
 
     repo = Path(__file__).resolve().parents[1]
-    assert Path(filtered_rl.verifiers.__file__).resolve().parent == repo / "verifiers"
+    ours = repo / "filtered_rl" / "verifiers"
+    assert Path(filtered_rl.verifiers.__file__).resolve().parent == ours
     code = "import verifiers, os; print(os.path.dirname(os.path.abspath(verifiers.__file__)))"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True
-    )
-    if result.returncode == 0:  # a PyPI package named `verifiers` may be installed: it must not be ours
-        assert Path(result.stdout.strip()).resolve() != repo / "verifiers"
-    else:
-        assert "ModuleNotFoundError" in result.stderr
+    for cwd in (tmp_path, repo, repo / "tests", repo.parent):
+        result = subprocess.run(
+            [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True
+        )
+        if result.returncode == 0:  # a PyPI package named `verifiers` may be installed: it must not be ours
+            assert Path(result.stdout.strip()).resolve() != ours, cwd
+            assert not Path(result.stdout.strip()).resolve().is_relative_to(repo), cwd
+        else:
+            assert "ModuleNotFoundError" in result.stderr, (cwd, result.stderr)

@@ -156,7 +156,7 @@ def test_countdown_task_and_valid_answers():
     task = load_task("countdown", limit=4)
     row = task.dataset[0]
     assert task.kind == "countdown" and not task.conversational
-    from filtered_rl.countdown import make_countdown_dataset
+    from filtered_rl.synthetic.countdown import make_countdown_dataset
 
     assert (
         row["prompt"] == make_countdown_dataset(0, 4, seed=0)["test"][0]["prompt"]
@@ -371,7 +371,7 @@ def test_two_processes_give_the_same_results_as_one(tiny_model_dir, tmp_path):
 def test_nano_model_validity_diversity_coverage_and_kl(nano_model_dir, tmp_path):
     """On the pretrained base model, scored against itself as the base: KL(p*‖a) = −log A exactly
     per prompt (self-normalised weights are then v/Â), and every valid answer key is an enumerated one."""
-    from filtered_rl.countdown import enumerate_solutions
+    from filtered_rl.synthetic.countdown import enumerate_solutions
 
     config = EvalConfig(
         model=str(nano_model_dir),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from filtered_rl.experiments.frontier import (
+from filtered_rl.synthetic.frontier import (
     FILTERED_FKL,
     GRPO_SMALL_BETA,
     Preset,

@@ -17,8 +17,8 @@ import torch
 
 from filtered_rl.control import validity_from_beta
 from filtered_rl.divergences import f_divergence
-from filtered_rl.experiments import toy
-from filtered_rl.experiments.toy import (
+from filtered_rl.synthetic import toy
+from filtered_rl.synthetic.toy import (
     ToyConfig,
     build_problem,
     coverage_at_k,

@@ -343,8 +343,8 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
 
 def validity_and_diversity(model, tokenizer, rows, num_samples=64, max_new_tokens=24, seed=123):
     """Per prompt: the valid fraction and the number of distinct valid answers (canonical forms)."""
-    from filtered_rl.base_model_report import sample_completions
-    from filtered_rl.countdown import canonical_answer, verify_answer
+    from filtered_rl.synthetic.report import sample_completions
+    from filtered_rl.synthetic.countdown import canonical_answer, verify_answer
 
     samples = sample_completions(
         model, tokenizer, [r["prompt"] for r in rows], num_samples,
@@ -365,7 +365,7 @@ def mean(values):
 def train_nano(trainer_cls, config_cls, model_dir, rows, tmp_path, steps, batch_size=32, seed=0, **extra):
     from datasets import Dataset
 
-    from filtered_rl.verifiers.countdown import CountdownVerifier
+    from filtered_rl.synthetic.countdown_verifier import CountdownVerifier
 
     args = config_cls(
         output_dir=str(tmp_path / trainer_cls.__name__),

@@ -102,7 +102,7 @@ def validity_report(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from filtered_rl.countdown import canonical_answer, verify_answer
+    from filtered_rl.synthetic.countdown import canonical_answer, verify_answer
 
     rows = list(dataset)[:max_prompts] if max_prompts else list(dataset)
     if not rows:
@@ -111,7 +111,7 @@ def validity_report(
     if missing:
         raise ValueError(
             f"validity_report: dataset lacks column(s) {sorted(missing)}; "
-            f"use filtered_rl.countdown.make_countdown_dataset"
+            f"use filtered_rl.synthetic.countdown.make_countdown_dataset"
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -193,8 +193,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from filtered_rl.base_model import load_or_pretrain
-    from filtered_rl.countdown import make_countdown_dataset
+    from filtered_rl.synthetic.base_model import load_or_pretrain
+    from filtered_rl.synthetic.countdown import make_countdown_dataset
 
     model_dir = args.model_dir or load_or_pretrain(args.size, args.seed)
     test = make_countdown_dataset(0, args.num_prompts, seed=args.seed)["test"]

@@ -8,14 +8,12 @@ helper processes, so a pathological answer cannot hang the trainer.
 
 from .base import BinaryVerifier, completion_to_text
 from .code import CodeVerifier, extract_code
-from .countdown import CountdownVerifier, verify_countdown
 from .math import MathVerifier, extract_gold, extract_prediction, verify_math
 from .sandbox import ExecutionResult, SandboxLimits, SandboxPool, run_code
 
 __all__ = [
     "BinaryVerifier",
     "CodeVerifier",
-    "CountdownVerifier",
     "ExecutionResult",
     "MathVerifier",
     "SandboxLimits",
@@ -25,6 +23,5 @@ __all__ = [
     "extract_gold",
     "extract_prediction",
     "run_code",
-    "verify_countdown",
     "verify_math",
 ]

@@ -1,4 +1,4 @@
-"""Verifier of the synthetic countdown task (rules in `filtered_rl.countdown`).
+"""Verifier of the synthetic countdown task (rules in `filtered_rl.synthetic.countdown`).
 
 A completion is valid iff its answer (the first non-empty line, see `extract_expression`) is an
 expression over the prompt's numbers, each used at most once, built from integer literals, binary
@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from filtered_rl.countdown import canonical_answer, verify_answer
+from filtered_rl.synthetic.countdown import canonical_answer, verify_answer
 
-from .base import BinaryVerifier
+from filtered_rl.verifiers.base import BinaryVerifier
 
 
 def verify_countdown(completion: str, numbers: Sequence[int], target: int) -> bool:
@@ -47,6 +47,6 @@ class CountdownVerifier(BinaryVerifier):
         if self.numbers_column not in row:
             raise KeyError(
                 f"{self.__name__}: the dataset has no column {self.numbers_column!r} listing the numbers; "
-                f"build it with filtered_rl.countdown.make_countdown_dataset (columns seen: {sorted(row)})"
+                f"build it with filtered_rl.synthetic.countdown.make_countdown_dataset (columns seen: {sorted(row)})"
             )
         return row[self.numbers_column]

@@ -211,7 +211,7 @@ def run_frontier(
     """
     import torch
 
-    from filtered_rl.base_model import load_or_pretrain
+    from filtered_rl.synthetic.base_model import load_or_pretrain
 
     if threads:
         torch.set_num_threads(threads)

@@ -33,10 +33,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from filtered_rl.base_model import load_or_pretrain
-    from filtered_rl.base_model_report import format_report, validity_report
-    from filtered_rl.countdown import make_countdown_dataset
-    from filtered_rl.experiments.frontier import PRESETS, aggregate, format_table, run_frontier
+    from filtered_rl.synthetic.base_model import load_or_pretrain
+    from filtered_rl.synthetic.report import format_report, validity_report
+    from filtered_rl.synthetic.countdown import make_countdown_dataset
+    from filtered_rl.synthetic.frontier import PRESETS, aggregate, format_table, run_frontier
 
     torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir)

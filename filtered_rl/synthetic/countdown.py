@@ -37,7 +37,7 @@ from typing import Any
 
 # Default difficulty: 4 numbers from 1..6 (repeats allowed), targets up to 24 with at least 8 distinct
 # answers. About 800 prompts exist (~640 train, ~160 test); small numbers and answer-rich targets are
-# what lets a CPU-sized model learn the task partly (see filtered_rl.base_model).
+# what lets a CPU-sized model learn the task partly (see filtered_rl.synthetic.base_model).
 NUM_NUMBERS = 4
 MAX_NUMBER = 6
 MAX_TARGET = 24

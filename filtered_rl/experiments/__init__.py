@@ -1,1 +1,0 @@
-"""Experiments: the exact toy and the real-LM frontier."""
