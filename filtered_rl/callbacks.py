@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import inspect
 import math
-from contextlib import nullcontext
 from dataclasses import asdict
 from typing import Any
 
@@ -58,6 +57,8 @@ from filtered_rl.control import (
     estimate_base_validity,
     prompt_key,
 )
+from filtered_rl.divergences import group_ess
+from filtered_rl.trainers._base import per_token_logps
 
 ESTIMATORS = ("importance", "policy", "column")
 METRIC_PREFIX = "kl_control/"
@@ -196,8 +197,7 @@ class BetaFromValidityCallback(TrainerCallback, ExportableState):
             log_ref = trainer.accelerator.gather(log_ref.float()).double().cpu()
             log_old = trainer.accelerator.gather(log_old.float()).double().cpu()
             estimates = estimate_base_validity(verdicts, group_size, log_ref, log_old)
-            weights = torch.softmax((log_ref - log_old).view(-1, group_size), dim=1)
-            metrics["ess"] = float((1.0 / (weights.pow(2).sum(dim=1) * group_size)).mean())
+            metrics["ess"] = float(group_ess(log_ref - log_old, group_size).mean())
             metrics["raw_base_validity"] = float(estimates.mean())
 
         smoothed = self.tracker.update(group_keys, estimates)
@@ -329,40 +329,11 @@ def _sequence_logps_for_importance(trainer: Any, output: dict) -> tuple[torch.Te
     if "ref_per_token_logps" in output:  # GRPO with beta > 0
         log_ref = (output["ref_per_token_logps"] * mask).sum(1)
     else:  # RLOO keeps only the KL-penalised rewards
-        log_ref = (_per_token_logps(trainer, output, reference=True) * mask).sum(1)
+        log_ref = (per_token_logps(trainer, output, reference=True) * mask).sum(1)
     if "old_logps" in output:  # RLOO: already masked sequence sums
         log_old = output["old_logps"]
     elif output.get("old_per_token_logps") is not None:
         log_old = (output["old_per_token_logps"] * mask).sum(1)
     else:  # GRPO fully on-policy: the current model is the one that sampled
-        log_old = (_per_token_logps(trainer, output, reference=False) * mask).sum(1)
+        log_old = (per_token_logps(trainer, output, reference=False) * mask).sum(1)
     return log_ref, log_old
-
-
-def _per_token_logps(trainer: Any, output: dict, reference: bool) -> torch.Tensor:
-    if any(key in output for key in ("pixel_values", "num_images")):
-        raise NotImplementedError(
-            "estimator='importance' recomputes log-probs for text-only batches; use estimator='policy' or "
-            "'column' with multimodal inputs"
-        )
-    from trl.models.utils import disable_gradient_checkpointing
-    from trl.trainer.utils import use_adapter
-
-    input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
-    attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-    model, context = trainer.model, nullcontext()
-    if reference and trainer.ref_model is not None:
-        model = trainer.ref_model
-    elif reference:  # PEFT: the base model is the policy with the adapter disabled (or the "ref" adapter)
-        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-        context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
-    checkpointing = disable_gradient_checkpointing(trainer.model, trainer.args.gradient_checkpointing_kwargs)
-    with torch.no_grad(), checkpointing, context:
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            model,
-            input_ids,
-            attention_mask,
-            output["completion_ids"].size(1),
-            batch_size=trainer.args.per_device_train_batch_size,
-        )
-    return logps

@@ -243,8 +243,9 @@ def test_running_estimates_survive_checkpoint_and_resume(tiny_model_dir, tmp_pat
         return trainer
 
     first = run(1)
-    saved = json.loads((tmp_path / "out" / "checkpoint-1" / "filtered_validity_tracker.json").read_text())
-    assert saved["values"] and saved == json.loads(json.dumps(first.validity_tracker.state_dict()))
+    saved = json.loads((tmp_path / "out" / "checkpoint-1" / "filtered_rl_state.json").read_text())
+    tracker = saved["states"]["validity_tracker"]
+    assert tracker["values"] and tracker == json.loads(json.dumps(first.validity_tracker.state_dict()))
     resumed = run(2, resume=str(tmp_path / "out" / "checkpoint-1"))
     # Each prompt now has two visits: the one restored from the checkpoint and the new one.
     assert sorted(count for _, count in resumed.validity_tracker.values.values()) == [2, 2]
