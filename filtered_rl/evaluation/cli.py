@@ -8,7 +8,42 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
+
+if TYPE_CHECKING:
+    from filtered_rl.evaluation.runner import EvalConfig
+
+DTYPES = ("auto", "float32", "bfloat16", "float16", "float64")
+
+
+def _number(
+    kind: type, low: float, high: float = math.inf, *, open_low: bool = False
+) -> Callable[[str], float]:
+    """An argparse `type` accepting a `kind` in [low, high] (or (low, high]): a bad value is a usage
+    error naming the flag, before anything is loaded, instead of a traceback later."""
+    interval = f"{'(' if open_low else '['}{low:g}, {high:g}]" if high < math.inf else None
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, got {text!r}"
+            ) from None
+        too_low = value <= low if open_low else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            bound = f"in {interval}" if interval else f"{'>' if open_low else '≥'} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,24 +60,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="local file or directory instead of the hub (e.g. /data/gsm8k holding test.jsonl)",
     )
     parser.add_argument("--split", default=None, help="dataset split (default: test)")
-    parser.add_argument("--num-prompts", type=int, default=None, help="evaluate the first N prompts only")
-    parser.add_argument("--num-samples", "-n", type=int, default=16, help="samples per prompt (default: 16)")
+    parser.add_argument(
+        "--num-prompts",
+        type=_positive_int,
+        default=None,
+        help="evaluate the first N prompts only (an error if the split has fewer)",
+    )
+    parser.add_argument(
+        "--num-samples", "-n", type=_positive_int, default=16, help="samples per prompt (default: 16)"
+    )
     parser.add_argument(
         "--k",
-        type=int,
+        type=_positive_int,
         nargs="+",
         default=None,
         help="k values of pass@k (default: 1, 2, 4, ... up to n, and n)",
     )
-    parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature; 0 = greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument(
+        "--temperature", type=_number(float, 0), default=1.0, help="sampling temperature; 0 = greedy"
+    )
+    parser.add_argument(
+        "--top-p", type=_number(float, 0, 1, open_low=True), default=1.0, help="nucleus mass in (0, 1]"
+    )
     parser.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=_positive_int,
         default=None,
         help="default: the model's generation_config.max_new_tokens, else 512",
     )
-    parser.add_argument("--batch-size", type=int, default=64, help="sequences per decode batch (default: 64)")
+    parser.add_argument(
+        "--batch-size", type=_positive_int, default=64, help="sequences per decode batch (default: 64)"
+    )
     parser.add_argument(
         "--chat-template",
         action=argparse.BooleanOptionalAction,
@@ -70,29 +118,66 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend", default="hf", choices=["hf", "vllm"], help="hf (default) or vllm if installed"
     )
     parser.add_argument(
-        "--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, ..."
+        "--dtype", default="auto", choices=DTYPES, help="auto (bf16 on GPU, fp32 on CPU), or a torch dtype"
     )
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    parser.add_argument(
+        "--bootstrap", type=_positive_int, default=1000, help="bootstrap resamples for the intervals"
+    )
     parser.add_argument("--output-dir", default=None, help="default: runs/eval/<model>-<dataset>")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def usage_error(message: str) -> NoReturn:
+    """Exit as argparse does for a bad flag (usage line, message, exit code 2).
+
+    `run` receives the parsed arguments but not the parser, so the checks that need several flags, or
+    the dataset, rebuild it to report in the same form as the single-flag checks."""
+    parser = argparse.ArgumentParser(prog="filtered-rl eval")
+    add_arguments(parser)
+    parser.error(message)
+
+
 def run(args: argparse.Namespace) -> int:
+    from filtered_rl.evaluation.outputs import EvalOutputError
+    from filtered_rl.evaluation.runner import EvalConfigError, run_eval
+
+    try:
+        config = _config(args)  # checks the flags together, before torch is even imported
+    except EvalConfigError as error:
+        usage_error(str(error))
+
     import datasets
     import torch
     import transformers
-
-    from filtered_rl.evaluation.runner import EvalConfig, run_eval
 
     datasets.disable_progress_bars()  # one progress bar: the evaluation's
     transformers.utils.logging.disable_progress_bar()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        summary = run_eval(config)
+    except EvalConfigError as error:
+        # found once the dataset is loaded (--num-prompts) or the output dir read, before the model loads
+        usage_error(str(error))
+    except EvalOutputError as error:
+        # an earlier run's file that cannot be read: the message names it and says what to do
+        print(f"filtered-rl eval: error: {error}", file=sys.stderr)
+        return 1
+    if summary is not None:
+        out = Path(config.output_dir)
+        print(format_summary(summary))
+        print(f"\nwrote {out / 'summary.json'} and {out / 'samples.jsonl'}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> EvalConfig:
+    from filtered_rl.evaluation.runner import EvalConfig
+
     output_dir = args.output_dir or str(
         Path("runs") / "eval" / f"{Path(args.model).name}-{Path(args.dataset).stem}"
     )
-    config = EvalConfig(
+    return EvalConfig(
         model=args.model,
         output_dir=output_dir,
         dataset=args.dataset,
@@ -117,11 +202,6 @@ def run(args: argparse.Namespace) -> int:
         bootstrap=args.bootstrap,
         progress=not args.no_progress,
     )
-    summary = run_eval(config)
-    if summary is not None:
-        print(format_summary(summary))
-        print(f"\nwrote {Path(output_dir) / 'summary.json'} and {Path(output_dir) / 'samples.jsonl'}")
-    return 0
 
 
 def format_summary(summary: dict) -> str:

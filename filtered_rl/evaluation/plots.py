@@ -6,8 +6,10 @@ filtered-rl plot runs/eval/base/summary.json runs/eval/grpo/summary.json --outpu
 from __future__ import annotations
 
 import argparse
-import json
+import io
 from pathlib import Path
+
+from filtered_rl.evaluation.outputs import EvalOutputError, atomic_write_bytes, read_json
 
 
 def plot_passk(
@@ -37,7 +39,12 @@ def plot_passk(
             path = path / "summary.json"
         if not path.is_file():
             raise FileNotFoundError(f"no summary file at {path} (run `filtered-rl eval` first)")
-        summary = json.loads(path.read_text())
+        summary = read_json(
+            path,
+            fix="rerun `filtered-rl eval` with the same --output-dir: it rebuilds the summary from samples.jsonl",
+        )
+        if not isinstance(summary, dict) or "pass_at_k" not in summary:
+            raise EvalOutputError(f"{path} is not a summary of `filtered-rl eval` (no pass_at_k)")
         points = sorted((int(k), v) for k, v in summary["pass_at_k"].items())
         ks = [k for k, _ in points]
         all_ks.update(ks)
@@ -65,8 +72,10 @@ def plot_passk(
     fig.tight_layout()
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, format="png")
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
     plt.close(fig)
+    atomic_write_bytes(output, png.getvalue())  # an interrupted plot leaves the previous PNG, not half of one
     return output
 
 

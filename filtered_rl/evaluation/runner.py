@@ -17,8 +17,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from filtered_rl.evaluation import metrics
+from filtered_rl.evaluation.outputs import EvalOutputError, atomic_write_text, read_json, read_jsonl
 from filtered_rl.evaluation.passk import bootstrap_ci, default_ks, pass_at_k_matrix
 
 SAMPLES_FILE = "samples.jsonl"
@@ -49,6 +50,17 @@ SAMPLING_FIELDS = (
     "seed",
     "backend",
 )
+
+
+class EvalConfigError(ValueError):
+    """A setting that cannot work, found before any model is loaded; the message names the flag.
+
+    `filtered-rl eval` turns it into a usage error (exit code 2) instead of a traceback.
+    """
+
+
+def _flag(field: str) -> str:
+    return "--" + {"ks": "k"}.get(field, field).replace("_", "-")
 
 
 @dataclass
@@ -78,16 +90,24 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be ≥ 1, got {self.num_samples}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
+        """Refuse settings that cannot work now, rather than after the model has loaded (or at the end)."""
+        for field in ("num_samples", "batch_size", "bootstrap", "num_prompts", "max_new_tokens"):
+            value = getattr(self, field)
+            if value is not None and value < 1:
+                raise EvalConfigError(f"{_flag(field)} must be ≥ 1, got {value}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise EvalConfigError(f"--temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise EvalConfigError(f"--top-p must be in (0, 1] (1 = no nucleus filtering), got {self.top_p}")
         if self.backend not in ("hf", "vllm"):
-            raise ValueError(f"backend must be 'hf' or 'vllm', got {self.backend!r}")
+            raise EvalConfigError(f"--backend must be 'hf' or 'vllm', got {self.backend!r}")
+        if self.ks is not None and not self.ks:
+            raise EvalConfigError("--k needs at least one value")
         bad = [k for k in self.ks or [] if k > self.num_samples or k < 1]
         if bad:
-            raise ValueError(
-                f"every k must be in 1..num_samples={self.num_samples}, got k={bad}; raise --num-samples"
+            raise EvalConfigError(
+                f"--k {' '.join(map(str, bad))}: pass@k needs 1 ≤ k ≤ n = --num-samples {self.num_samples}: "
+                f"lower --k or raise --num-samples"
             )
 
 
@@ -117,17 +137,11 @@ def plan_batches(lengths: list[int], num_samples: int, batch_size: int) -> list[
 
 
 def _read_records(paths: list[Path]) -> list[dict]:
-    """Records from JSONL files; a line cut short by a kill is skipped (its sample is redone)."""
+    """Records from JSONL files; a last line cut short by a kill is dropped (its sample is redone)."""
     records = []
     for path in paths:
-        if not path.exists():
-            continue
-        with open(path, encoding="utf-8") as handle:
-            for line in handle:
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError:
-                    continue
+        if path.exists():
+            records += read_jsonl(path, required=("prompt_id", "sample_index"))
     return records
 
 
@@ -141,38 +155,48 @@ def _dedup(records: list[dict]) -> list[dict]:
     return out
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _write_records(path: Path, records: list[dict], order: dict[str, int]) -> None:
     records = sorted(
         records, key=lambda r: (order.get(r["prompt_id"], math.inf), r["prompt_id"], r["sample_index"])
     )
-    _atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def _shards(out: Path) -> list[Path]:
     return sorted(out.glob("samples.rank*.jsonl"))
 
 
-def _check_config(out: Path, config: EvalConfig) -> None:
-    """Refuse to resume into a directory whose samples were drawn with different settings."""
+def _check_config(out: Path, config: EvalConfig) -> bool:
+    """Refuse to resume into a directory whose samples were drawn with different settings.
+
+    Read-only, so that every process runs it and all of them raise together (a refusal on the main
+    process alone would leave the others waiting at a barrier). Returns whether the file is missing.
+    """
     path = out / CONFIG_FILE
-    current = {k: getattr(config, k) for k in SAMPLING_FIELDS}
-    if path.exists():
-        previous = json.loads(path.read_text())
-        diff = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
-        if diff:
-            detail = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in diff.items())
-            raise ValueError(
-                f"{out} holds samples drawn with other settings ({detail}); "
-                f"use a new --output-dir or remove the old one"
-            )
-    else:
-        _atomic_write(path, json.dumps(current, indent=2) + "\n")
+    if not path.exists():
+        return True
+    previous = read_json(
+        path,
+        fix=f"if the samples in {out} were drawn with the settings you pass now, delete {path} and rerun "
+        f"(it is rewritten from the flags); otherwise use a new --output-dir",
+    )
+    if not isinstance(previous, dict):
+        raise EvalOutputError(
+            f"{path} holds no settings object: delete it and rerun, or use a new --output-dir"
+        )
+    current = _sampling_settings(config)
+    diff = {k: (previous.get(k), v) for k, v in current.items() if previous.get(k) != v}
+    if diff:
+        detail = ", ".join(f"{k}: {old!r} → {new!r}" for k, (old, new) in diff.items())
+        raise EvalConfigError(
+            f"{out} holds samples drawn with other settings ({detail}); "
+            f"use a new --output-dir or remove the old one"
+        )
+    return False
+
+
+def _sampling_settings(config: EvalConfig) -> dict[str, Any]:
+    return {k: getattr(config, k) for k in SAMPLING_FIELDS}
 
 
 # --- models ----------------------------------------------------------------------------------------
@@ -225,11 +249,6 @@ def run_eval(config: EvalConfig, *, sampler: Any = None) -> dict | None:
 
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(config.output_dir)
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        _check_config(out, config)
-    state.wait_for_everyone()
-
     task = load_task(
         config.dataset,
         data_files=config.data_files,
@@ -243,6 +262,19 @@ def run_eval(config: EvalConfig, *, sampler: Any = None) -> dict | None:
         seed=config.seed,
     )
     rows = task.dataset.to_list()
+    if config.num_prompts is not None and len(rows) < config.num_prompts:
+        # load_task keeps at most what exists; evaluating fewer prompts than asked must not pass silently
+        raise EvalConfigError(
+            f"--num-prompts {config.num_prompts}: {config.dataset} has only {len(rows)} prompts in its "
+            f"{config.split or 'test'} split; pass --num-prompts {len(rows)} or less (or leave it out for all)"
+        )
+    # Every process checks (the same files, so all raise together); only the main one writes.
+    config_missing = _check_config(out, config)
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if config_missing:
+            atomic_write_text(out / CONFIG_FILE, json.dumps(_sampling_settings(config), indent=2) + "\n")
+    state.wait_for_everyone()
     prompt_ids = [r["prompt_id"] for r in rows]
     if len(set(prompt_ids)) != len(prompt_ids):
         raise ValueError(
@@ -257,16 +289,22 @@ def run_eval(config: EvalConfig, *, sampler: Any = None) -> dict | None:
     ]
     max_new_tokens = _max_new_tokens(config, config.model)
 
-    # Resume: the main process folds every earlier file into samples.jsonl, then all read it.
+    # Resume: every process reads what earlier runs left (so a file that cannot be read stops all of
+    # them, not the main one alone while the others wait at a barrier), then the main process folds it
+    # into samples.jsonl and removes the shards.
     samples_path = out / SAMPLES_FILE
-    if state.is_main_process:
+    with warnings.catch_warnings():
+        if not state.is_main_process:
+            warnings.simplefilter("ignore")  # a dropped torn line is reported once, by the main process
         previous = _dedup(_read_records([samples_path, *_shards(out)]))
+    state.wait_for_everyone()
+    if state.is_main_process:
         if previous or _shards(out):
             _write_records(samples_path, previous, order)
         for shard in _shards(out):
             shard.unlink()
     state.wait_for_everyone()
-    done = {(r["prompt_id"], r["sample_index"]) for r in _read_records([samples_path])}
+    done = {(r["prompt_id"], r["sample_index"]) for r in previous}
 
     batches = plan_batches([len(ids) for ids in encoded], config.num_samples, config.batch_size)
     todo = [
@@ -359,7 +397,7 @@ def run_eval(config: EvalConfig, *, sampler: Any = None) -> dict | None:
         "seconds": round(seconds, 2),
         "tokens_per_second": round(sum(tokens_all) / seconds, 1) if seconds > 0 and gathered else None,
     }
-    _atomic_write(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     state.wait_for_everyone()
     return summary
 
