@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module, imported only when that subcommand runs (so
 `filtered-rl --help` does not import torch). A subcommand module defines
-`add_arguments(parser: argparse.ArgumentParser) -> None` and `run(args: argparse.Namespace) -> int | None`.
+`add_arguments(parser: argparse.ArgumentParser) -> None` and `run(args: argparse.Namespace) -> int | None`,
+or (when it parses its own flags, as `train` does with TrlParser) `main(argv: list[str]) -> int`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "sample": (
         "filtered_rl.synthetic.report",
         "sample a model on the synthetic task; print validity/diversity",
+    ),
+    "train": (
+        "filtered_rl.train",
+        "train with any registered algorithm from a recipe YAML (TrlParser flags)",
     ),
     "eval": ("filtered_rl.evaluation.cli", "pass@1/pass@k, coverage and diversity of a model on a dataset"),
     "plot": ("filtered_rl.evaluation.plots", "plot pass@k curves from one or more summary files"),
@@ -49,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"filtered-rl: unknown subcommand {name!r}\n\n{_top_level_help()}", file=sys.stderr)
         return 2
     module = importlib.import_module(SUBCOMMANDS[name][0])
+    if not hasattr(module, "add_arguments"):  # parses its own flags (train: TrlParser + YAML)
+        return int(module.main(rest) or 0)
     parser = argparse.ArgumentParser(prog=f"filtered-rl {name}", description=SUBCOMMANDS[name][1])
     module.add_arguments(parser)
     args = parser.parse_args(rest)

@@ -11,17 +11,18 @@ from pathlib import Path
 import pytest
 from _launch import free_port, run_launch
 
+from filtered_rl.train import check_before_loading, parse_recipe_args, resolve_config
+from filtered_rl.trainers import ALGORITHMS
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
-
-from train import ALGORITHMS, parse_recipe_args, resolve_config  # noqa: E402
 
 CONFIGS = sorted((ROOT / "recipes" / "configs").glob("*.yaml"))
 CPU_FLAGS = ["--use_cpu", "true", "--bf16", "false"]  # the GPU configs, parsed on this CPU machine
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
-@pytest.mark.parametrize("algorithm", ALGORITHMS)
+@pytest.mark.parametrize("algorithm", ALGORITHMS.names())
 def test_every_config_parses_for_every_algorithm(config: Path, algorithm: str) -> None:
     chosen, (script_args, training_args, model_args, *controller) = parse_recipe_args(
         ["--config", str(config), "--algorithm", algorithm, *CPU_FLAGS]
@@ -29,13 +30,86 @@ def test_every_config_parses_for_every_algorithm(config: Path, algorithm: str) -
     assert chosen == algorithm
     assert training_args.temperature == 1.0
     assert model_args.model_name_or_path
+    assert isinstance(training_args, ALGORITHMS[algorithm].config_class)
     if algorithm == "filtered":
-        assert type(training_args).__name__ == "FilteredGRPOConfig"
         assert training_args.divergence in {"forward_kl", "js", "tv", "alpha"}
-        assert not controller
-    else:
+    if ALGORITHMS[algorithm].accepts_controller:
         assert training_args.beta > 0, "the controller needs the reference model TRL builds only for beta > 0"
-        assert controller[0].target_validity is not None
+    else:
+        assert not controller
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_has_a_section_for_every_registered_algorithm(config: Path) -> None:
+    import yaml
+
+    sections = {k for k, v in yaml.safe_load(config.read_text()).items() if isinstance(v, dict)}
+    assert set(ALGORITHMS.names()) <= sections, (
+        f"add sections {set(ALGORITHMS.names()) - sections} to {config.name}"
+    )
+
+
+def test_yaml_section_naming_no_algorithm_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("algorithm: grpo\ngrpoo:\n  beta: 0.1\n")
+    with pytest.raises(SystemExit, match="'grpoo'.*name no registered algorithm"):
+        resolve_config(["--config", str(config)])
+
+
+def test_bad_settings_fail_before_any_model_is_loaded(tmp_path: Path) -> None:
+    from datasets import Dataset
+
+    from filtered_rl.data import Task
+    from filtered_rl.verifiers import MathVerifier
+
+    with pytest.raises(SystemExit, match="target_validity=1.5"):
+        parse_recipe_args(
+            ["--algorithm", "grpo", "--target_validity", "1.5", "--output_dir", str(tmp_path), *CPU_FLAGS]
+        )
+    with pytest.raises(SystemExit, match="controller_estimator"):
+        parse_recipe_args(
+            ["--algorithm", "grpo", "--controller_estimator", "x", "--output_dir", str(tmp_path), *CPU_FLAGS]
+        )
+    with pytest.raises(SystemExit, match="target_validity"):
+        parse_recipe_args(
+            [
+                "--algorithm",
+                "filtered",
+                "--target",
+                "tilted",
+                "--target_validity",
+                "2",
+                "--output_dir",
+                str(tmp_path),
+                *CPU_FLAGS,
+            ]
+        )
+    _, (_, training_args, _, controller) = parse_recipe_args(
+        [
+            "--algorithm",
+            "grpo",
+            "--beta",
+            "0",
+            "--target_validity",
+            "0.8",
+            "--output_dir",
+            str(tmp_path),
+            *CPU_FLAGS,
+        ]
+    )
+    task = Task(
+        name="t",
+        dataset=Dataset.from_list([{"prompt": "1+1=", "solution": "2"}]),
+        verifier=MathVerifier(),
+        conversational=False,
+    )
+    with pytest.raises(SystemExit, match="needs beta > 0"):
+        check_before_loading(task, training_args, controller)
+    training_args.beta = 0.04
+    with pytest.raises(SystemExit, match="lacks a column its verifier reads.*answer"):
+        check_before_loading(task, training_args, controller)
+    task.dataset = Dataset.from_list([{"prompt": "1+1=", "answer": "2"}])
+    check_before_loading(task, training_args, controller)  # a dataset with the gold column passes
 
 
 def test_algorithm_section_wins_and_flags_win_over_yaml(tmp_path: Path) -> None:
@@ -53,7 +127,7 @@ def test_algorithm_section_wins_and_flags_win_over_yaml(tmp_path: Path) -> None:
 
 
 def test_unknown_algorithm_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(SystemExit, match="algorithm='ppo' is not supported"):
+    with pytest.raises(SystemExit, match="algorithm='ppo' is not supported.*grpo"):
         resolve_config(["--algorithm", "ppo"])
 
 
