@@ -348,7 +348,7 @@ class PostScoringTrainer(GRPOTrainer):
             if odd.numel():
                 self._warned_non_binary.add(name)
                 warnings.warn(
-                    f"reward function {name!r} returned {sorted(set(odd.tolist()))[:3]}, not only 0/1/None: this "
+                    f"reward function {name!r} returned {sorted({round(v, 6) for v in odd.tolist()})[:3]}, not only 0/1/None: this "
                     f"objective reads a binary verdict, valid when the reward > validity_threshold="
                     f"{self.args.validity_threshold}, so the values' size is lost. Pass a binary verifier, or give "
                     "shaping rewards weight 0",
