@@ -9,7 +9,9 @@ the same samples. Every process appends its finished batches to its own `samples
 
 Resume: rerunning with the same `--output-dir` first merges what a killed run left, then samples only
 the (prompt, sample) pairs that are missing. Changing a setting that changes the samples (model,
-temperature, ...) is refused; `--num-samples` and `--num-prompts` may grow.
+temperature, ...) is refused; `--num-samples` and `--num-prompts` may grow. Whole files are replaced
+atomically and a shard's last line torn by a kill is dropped with a warning (`outputs`), so a kill at
+any moment leaves a directory that resumes.
 """
 
 from __future__ import annotations
@@ -268,30 +270,18 @@ def run_eval(config: EvalConfig, *, sampler: Any = None) -> dict | None:
             f"--num-prompts {config.num_prompts}: {config.dataset} has only {len(rows)} prompts in its "
             f"{config.split or 'test'} split; pass --num-prompts {len(rows)} or less (or leave it out for all)"
         )
-    # Every process checks (the same files, so all raise together); only the main one writes.
-    config_missing = _check_config(out, config)
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if config_missing:
-            atomic_write_text(out / CONFIG_FILE, json.dumps(_sampling_settings(config), indent=2) + "\n")
-    state.wait_for_everyone()
     prompt_ids = [r["prompt_id"] for r in rows]
     if len(set(prompt_ids)) != len(prompt_ids):
         raise ValueError(
             f"{config.dataset}: prompt_id values are not unique; resume and seeding need unique ids"
         )
     order = {pid: i for i, pid in enumerate(prompt_ids)}
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    rendered = [render_prompt(r["prompt"], tokenizer) for r in rows]
-    encoded = [
-        tokenizer(text, add_special_tokens=isinstance(r["prompt"], str))["input_ids"]
-        for text, r in zip(rendered, rows)
-    ]
-    max_new_tokens = _max_new_tokens(config, config.model)
 
-    # Resume: every process reads what earlier runs left (so a file that cannot be read stops all of
-    # them, not the main one alone while the others wait at a barrier), then the main process folds it
-    # into samples.jsonl and removes the shards.
+    # Resume. Every process checks the settings and reads what earlier runs left, before any model or
+    # tokenizer loads: a refusal or an unreadable file then stops all processes at once (raised on the
+    # main one alone, the others would wait at the barrier). Then the main process writes the settings
+    # and folds the shards into samples.jsonl.
+    config_missing = _check_config(out, config)
     samples_path = out / SAMPLES_FILE
     with warnings.catch_warnings():
         if not state.is_main_process:
@@ -299,12 +289,23 @@ def run_eval(config: EvalConfig, *, sampler: Any = None) -> dict | None:
         previous = _dedup(_read_records([samples_path, *_shards(out)]))
     state.wait_for_everyone()
     if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if config_missing:
+            atomic_write_text(out / CONFIG_FILE, json.dumps(_sampling_settings(config), indent=2) + "\n")
         if previous or _shards(out):
             _write_records(samples_path, previous, order)
         for shard in _shards(out):
             shard.unlink()
     state.wait_for_everyone()
     done = {(r["prompt_id"], r["sample_index"]) for r in previous}
+
+    tokenizer = AutoTokenizer.from_pretrained(config.model)
+    rendered = [render_prompt(r["prompt"], tokenizer) for r in rows]
+    encoded = [
+        tokenizer(text, add_special_tokens=isinstance(r["prompt"], str))["input_ids"]
+        for text, r in zip(rendered, rows)
+    ]
+    max_new_tokens = _max_new_tokens(config, config.model)
 
     batches = plan_batches([len(ids) for ids in encoded], config.num_samples, config.batch_size)
     todo = [
