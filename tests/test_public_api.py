@@ -1,0 +1,50 @@
+"""The public API: every exported name resolves, and `import filtered_rl` stays cheap (no torch, no TRL)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import filtered_rl
+
+
+def test_import_is_cheap_and_names_resolve_lazily():
+    code = (
+        "import sys, filtered_rl\n"
+        "from filtered_rl import pass_at_k, beta_from_validity\n"
+        "assert 'torch' not in sys.modules and 'trl' not in sys.modules, sorted(m for m in sys.modules if m in ('torch', 'trl'))\n"
+        "from filtered_rl.evaluation import pass_at_k as p2\n"
+        "assert p2 is pass_at_k and 'torch' not in sys.modules\n"
+        "print(pass_at_k(4, 1, 2))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("name", [n for n in filtered_rl.__all__ if n != "__version__"])
+def test_every_public_name_resolves(name):
+    value = getattr(filtered_rl, name)
+    assert value is not None and name in dir(filtered_rl)
+
+
+def test_unknown_name_is_an_attribute_error():
+    with pytest.raises(AttributeError, match="no attribute 'FilteredTrainer'"):
+        filtered_rl.FilteredTrainer  # noqa: B018
+
+
+def test_readme_import_line_works():
+    from filtered_rl import (  # noqa: F401
+        BetaFromValidityCallback,
+        FilteredGRPOConfig,
+        FilteredGRPOTrainer,
+        MathVerifier,
+        end_run,
+        load_task,
+    )
+    from filtered_rl.trainers import ALGORITHMS
+
+    assert FilteredGRPOTrainer is ALGORITHMS["filtered"].trainer_class
+    assert FilteredGRPOConfig is ALGORITHMS["filtered"].config_class
