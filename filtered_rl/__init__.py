@@ -39,7 +39,28 @@ _EXPORTS: dict[str, str] = {
     "EvalConfig": "filtered_rl.evaluation.runner",
     "run_eval": "filtered_rl.evaluation.runner",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "__version__",
+    "FilteredGRPOConfig",
+    "FilteredGRPOTrainer",
+    "PostScoringConfig",
+    "PostScoringTrainer",
+    "ScoredBatch",
+    "end_run",
+    "ALGORITHMS",
+    "register_algorithm",
+    "BetaFromValidityCallback",
+    "beta_from_validity",
+    "validity_from_beta",
+    "DIVERGENCES",
+    "BinaryVerifier",
+    "MathVerifier",
+    "CodeVerifier",
+    "load_task",
+    "pass_at_k",
+    "EvalConfig",
+    "run_eval",
+]
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
 

@@ -13,7 +13,7 @@ import filtered_rl
 def test_import_is_cheap_and_names_resolve_lazily():
     code = (
         "import sys, filtered_rl\n"
-        "from filtered_rl import pass_at_k, beta_from_validity\n"
+        "from filtered_rl import pass_at_k\n"
         "assert 'torch' not in sys.modules and 'trl' not in sys.modules, sorted(m for m in sys.modules if m in ('torch', 'trl'))\n"
         "from filtered_rl.evaluation import pass_at_k as p2\n"
         "assert p2 is pass_at_k and 'torch' not in sys.modules\n"
@@ -26,6 +26,7 @@ def test_import_is_cheap_and_names_resolve_lazily():
 
 @pytest.mark.parametrize("name", [n for n in filtered_rl.__all__ if n != "__version__"])
 def test_every_public_name_resolves(name):
+    assert name in filtered_rl._EXPORTS
     value = getattr(filtered_rl, name)
     assert value is not None and name in dir(filtered_rl)
 
