@@ -123,7 +123,7 @@ class ScoredBatch:
     reward: torch.Tensor  # (N,) TRL's weighted sum (NaN-skipping), float64
     valid: torch.Tensor  # (N,) binary verdicts, float64
     log_pi_old: torch.Tensor  # (N,) sequence log-prob under the sampling policy, float64
-    log_ref: torch.Tensor  # (N,) sequence log-prob under the base model a, float64
+    log_ref: torch.Tensor  # (N,) sequence log-prob under the base model a, float64; NaN if not needed
     lengths: torch.Tensor  # (N,) completion tokens counted in the loss
     _group_keys: list[str] | None = None
 
@@ -187,6 +187,9 @@ class PostScoringTrainer(GRPOTrainer):
     _name = "PostScoringGRPO"
     config_class: type[PostScoringConfig] = PostScoringConfig
     metric_prefix = "objective"
+    # False: an objective that never reads log_ref (e.g. rehearsal on stored base samples) gets no reference
+    # model built or run at beta=0; ScoredBatch.log_ref is then NaN.
+    needs_reference_model = True
 
     def __init__(
         self, model: Any, reward_funcs: Any = None, args: PostScoringConfig | None = None, **kwargs: Any
@@ -200,7 +203,8 @@ class PostScoringTrainer(GRPOTrainer):
                 "own fields to GRPOConfig"
             )
         user_beta = args.beta
-        args.beta = user_beta or _REFERENCE_ONLY_BETA  # make TRL build the reference model (see module doc)
+        if self.needs_reference_model:  # make TRL build the reference model (see module doc)
+            args.beta = user_beta or _REFERENCE_ONLY_BETA
         try:
             super().__init__(model, reward_funcs, args, **kwargs)
         finally:
@@ -236,12 +240,13 @@ class PostScoringTrainer(GRPOTrainer):
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         user_beta = self.beta
-        self.beta = user_beta or _REFERENCE_ONLY_BETA  # TRL computes ref_per_token_logps only when beta != 0
+        if self.needs_reference_model:  # TRL computes ref_per_token_logps only when beta != 0
+            self.beta = user_beta or _REFERENCE_ONLY_BETA
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
             self.beta = user_beta
-        ref_logps = output["ref_per_token_logps"] if user_beta else output.pop("ref_per_token_logps")
+        ref_logps = output["ref_per_token_logps"] if user_beta else output.pop("ref_per_token_logps", None)
         mode = "train" if self.model.training else "eval"
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
         batch = self._scored_batch(inputs, output, ref_logps, mode, group_size)
@@ -334,7 +339,11 @@ class PostScoringTrainer(GRPOTrainer):
             reward=(rewards * weights.unsqueeze(0)).nansum(dim=1).double(),
             valid=validity_from_rewards(rewards, self.reward_weights, self.args.validity_threshold),
             log_pi_old=gather((old_logps.float() * mask).sum(dim=1)).double().to(rewards.device),
-            log_ref=gather((ref_logps.float() * mask).sum(dim=1)).double().to(rewards.device),
+            log_ref=(
+                torch.full_like(rewards[:, 0], math.nan, dtype=torch.float64)
+                if ref_logps is None
+                else gather((ref_logps.float() * mask).sum(dim=1)).double().to(rewards.device)
+            ),
             lengths=gather(mask.sum(dim=1).float()).to(rewards.device),
         )
 
