@@ -16,7 +16,7 @@ from _launch import run_launch
 
 pytest.importorskip("trl")
 
-from filtered_rl.control import batch_beta_from_validity, estimate_base_validity  # noqa: E402
+from filtered_rl.control import batch_beta_from_validity, beta_from_validity, estimate_base_validity  # noqa: E402
 from filtered_rl.divergences import filtered_advantages  # noqa: E402
 from filtered_rl.trainer import FilteredGRPOConfig, FilteredGRPOTrainer, validity_from_rewards  # noqa: E402
 
@@ -52,8 +52,11 @@ def make_args(tmp_path, **overrides) -> FilteredGRPOConfig:
     return FilteredGRPOConfig(**values)
 
 
+COLUMN_A = [0.3, 0.05, 0.6]  # A(x) of prompt_rows(3), as a precomputed dataset column would hold it
+
+
 def prompt_rows(n: int) -> list[dict]:
-    return [{"prompt": f"q{i}:", "answer": str(i)} for i in range(n)]
+    return [{"prompt": f"q{i}:", "answer": str(i), "base_validity": COLUMN_A[i % 3]} for i in range(n)]
 
 
 def reference_sequence_logps(model, output, temperature=1.0) -> torch.Tensor:
@@ -84,12 +87,17 @@ def expected_advantages(trainer, output, base_dir, earlier_visits=()):
     base_validity = None
     if args.partition_estimate == "running":
         base_validity = torch.stack([*earlier_visits, this_visit]).mean(0)
+    elif args.partition_estimate == "column":  # the dataset's A(x), one value per group
+        base_validity = torch.tensor(COLUMN_A, dtype=torch.float64)
     beta = args.target_beta
     if args.target_validity is not None:
         a_hat = base_validity
         if a_hat is None:
             a_hat = estimate_base_validity(valid, k, log_ref=log_ref, log_pi_old=log_pi)
-        beta = batch_beta_from_validity(args.target_validity, a_hat, strict=False)
+        if args.target_validity_scope == "prompt":
+            beta = beta_from_validity(args.target_validity, a_hat, strict=False)
+        else:
+            beta = batch_beta_from_validity(args.target_validity, a_hat, strict=False)
     result = filtered_advantages(
         log_pi,
         log_ref,
@@ -135,6 +143,11 @@ CASES = {
         divergence="tv", target="tilted", target_beta=0.5, partition_estimate="running"
     ),
     "running_alpha_lora": dict(divergence="alpha", alpha=0.5, partition_estimate="running"),
+    # A(x) precomputed offline (from base samples, or exactly on enumerable tasks) in a dataset column.
+    "column_forward_kl": dict(divergence="forward_kl", partition_estimate="column"),
+    "column_tilted_validity": dict(
+        divergence="reverse_kl", target="tilted", target_validity=0.8, partition_estimate="column"
+    ),
 }
 
 
@@ -281,11 +294,45 @@ def test_validity_from_rewards():
         (dict(mask_truncated_completions=True), "mask_truncated_completions"),
         (dict(sync_ref_model=True), "sync_ref_model"),
         (dict(top_entropy_quantile=0.2), "top_entropy_quantile"),
+        (dict(alpha_end=0.0), "alpha_end=0.0 anneals"),
+        (dict(divergence="alpha", alpha=0.5, alpha_end=1.0), "alpha=1.0"),
+        (dict(partition_estimate="exact"), "partition_estimate='exact'"),
     ],
 )
 def test_invalid_config_names_the_field(tmp_path, overrides, field):
     with pytest.raises(ValueError, match=field.replace("(", r"\(")):
         make_args(tmp_path, **overrides)
+
+
+def test_alpha_schedule_anneals_linearly_over_training(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    args = make_args(tmp_path, divergence="alpha", alpha=0.9, alpha_end=0.0, max_steps=3)
+    trainer = FilteredGRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=even_bytes,
+        args=args,
+        train_dataset=Dataset.from_list(prompt_rows(2)),
+    )
+    assert trainer.current_alpha() == pytest.approx(0.9)
+    trainer.train()
+    logged = [h["filtered/alpha"] for h in trainer.state.log_history if "filtered/alpha" in h]
+    assert logged == pytest.approx([0.9, 0.6, 0.3])  # α at the start of steps 0, 1, 2 of 3
+    assert trainer.current_alpha() == pytest.approx(0.0)
+
+
+def test_column_estimate_names_a_missing_column(tiny_model_dir, tmp_path):
+    from datasets import Dataset
+
+    rows = [{"prompt": "q0:", "answer": "0"}, {"prompt": "q1:", "answer": "1"}]
+    trainer = FilteredGRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=even_bytes,
+        args=make_args(tmp_path, partition_estimate="column"),
+        train_dataset=Dataset.from_list(rows),
+    )
+    with pytest.raises(KeyError, match="'base_validity'.*base_validity_column"):
+        trainer.train()
 
 
 def test_temperature_and_truncated_sampling_warn(tmp_path):
@@ -344,8 +391,8 @@ def test_two_processes_match_one_process(tiny_model_dir, tmp_path):
 
 def validity_and_diversity(model, tokenizer, rows, num_samples=64, max_new_tokens=24, seed=123):
     """Per prompt: the valid fraction and the number of distinct valid answers (canonical forms)."""
-    from filtered_rl.synthetic.report import sample_completions
     from filtered_rl.synthetic.countdown import canonical_answer, verify_answer
+    from filtered_rl.synthetic.report import sample_completions
 
     samples = sample_completions(
         model, tokenizer, [r["prompt"] for r in rows], num_samples,

@@ -41,7 +41,7 @@ from filtered_rl.trainers._registry import register_algorithm
 # A(y)·∇log π(y). "grpo" and "sapo" average per completion (a 1/|y| weight), "vespo" reweights per sequence.
 TOKEN_SUM_LOSSES = ("dapo", "dr_grpo", "bnpo", "cispo", "luspo")
 SCOPES = ("prompt", "batch")
-PARTITION_ESTIMATES = ("group", "running")
+PARTITION_ESTIMATES = ("group", "running", "column")
 LEGACY_TRACKER_FILE = "filtered_validity_tracker.json"  # filtered-rl 0.1 checkpoints
 
 
@@ -122,7 +122,23 @@ class FilteredGRPOConfig(PostScoringConfig):
             "samples (self-normalised, so a group that sampled one valid answer takes it for all of p*), "
             "'running' averages the unbiased importance-sampling estimate (1/K)·Σ a·v/π_old over every visit of "
             "the prompt so far (A is a property of the fixed base model, so every visit estimates the same "
-            "number). Kept per prompt and saved in checkpoints."
+            "number). Kept per prompt and saved in checkpoints. 'column' reads A(x) from the dataset column "
+            "`base_validity_column`, measured beforehand from base-model samples or, on enumerable tasks, exactly "
+            "(`filtered_rl.evaluation.exact`): no estimation noise, at the cost of an offline pass."
+        },
+    )
+    base_validity_column: str = field(
+        default="base_validity",
+        metadata={
+            "help": "Dataset column holding A(x) in (0, 1] per prompt, for partition_estimate='column'."
+        },
+    )
+    alpha_end: float | None = field(
+        default=None,
+        metadata={
+            "help": "With divergence='alpha': anneal α linearly from `alpha` (step 0) to `alpha_end` (max_steps), "
+            "e.g. 0.9 → 0: the mode-seeking end raises validity fast, the forward-KL end covers p* late. Unset: "
+            "α fixed."
         },
     )
 
@@ -150,6 +166,12 @@ class FilteredGRPOConfig(PostScoringConfig):
             )
         if self.target_validity_scope not in SCOPES:
             raise ValueError(f"target_validity_scope={self.target_validity_scope!r}: choose one of {SCOPES}")
+        if self.alpha_end is not None:
+            if self.divergence != "alpha":
+                raise ValueError(
+                    f"alpha_end={self.alpha_end} anneals α: set divergence='alpha' (and alpha=start)"
+                )
+            check_divergence("alpha", self.alpha_end, self.target)
         if self.partition_estimate not in PARTITION_ESTIMATES:
             raise ValueError(
                 f"partition_estimate={self.partition_estimate!r}: choose one of {PARTITION_ESTIMATES}"
@@ -228,14 +250,24 @@ class FilteredGRPOTrainer(PostScoringTrainer):
             valid,
             group_size,
             divergence=self.args.divergence,
-            alpha=self.args.alpha,
+            alpha=self.current_alpha(),
             target=self.args.target,
             target_beta=target_beta,
             pseudo_reward_clip=self.args.pseudo_reward_clip,
             base_validity=base_validity,
         )
         self._log_diagnostics(batch, result, base_validity)
+        if self.args.alpha_end is not None:
+            self._metrics[batch.mode]["filtered/alpha"].append(self.current_alpha())
         return result["advantages"]
+
+    def current_alpha(self) -> float | None:
+        """α in force: fixed, or linearly annealed from `alpha` to `alpha_end` over `max_steps`."""
+        args = self.args
+        if args.alpha_end is None:
+            return args.alpha
+        progress = min(1.0, self.state.global_step / max(1, self.state.max_steps or args.max_steps))
+        return args.alpha + (args.alpha_end - args.alpha) * progress
 
     def _load_legacy_state(self, checkpoint: str) -> bool:
         path = os.path.join(checkpoint, LEGACY_TRACKER_FILE)
@@ -248,7 +280,9 @@ class FilteredGRPOTrainer(PostScoringTrainer):
         return True
 
     def _base_validity(self, batch: ScoredBatch) -> torch.Tensor | None:
-        """Running per-prompt A(x) (`partition_estimate="running"`), else None (the group estimates its own)."""
+        """A(x) per group: from the dataset column, the running per-prompt average, or None (the group's own)."""
+        if self.args.partition_estimate == "column":
+            return _column_base_validity(batch, self.args.base_validity_column)
         if self.args.partition_estimate != "running":
             return None
         # Keys from the gathered prompts, so every process folds in the same values in the same order.
@@ -293,6 +327,24 @@ class FilteredGRPOTrainer(PostScoringTrainer):
             metrics["filtered/ess"].append(result["ess"][supported].mean().item())
             metrics["filtered/pseudo_reward_mean"].append(result["pseudo_rewards"][rows].mean().item())
             metrics["filtered/kl_target_policy"].append(result["kl_target_policy"][supported].mean().item())
+
+
+def _column_base_validity(batch: ScoredBatch, column: str) -> torch.Tensor:
+    """A(x) per group from a dataset column (gathered: a group may straddle processes)."""
+    from accelerate.utils import gather_object
+
+    if column not in batch.inputs[0]:
+        raise KeyError(
+            f"partition_estimate='column' needs a dataset column {column!r} with A(x) per prompt (columns: "
+            f"{sorted(batch.inputs[0])}); add it or set base_validity_column=..."
+        )
+    values = gather_object([float(row[column]) for row in batch.inputs])[:: batch.group_size]
+    values = torch.tensor(values, dtype=torch.float64, device=batch.log_pi_old.device)
+    if ((values <= 0) | (values > 1) | torch.isnan(values)).any():
+        raise ValueError(
+            f"column {column!r} must hold A(x) in (0, 1]; got {values[(values <= 0) | (values > 1)][:3].tolist()}"
+        )
+    return values
 
 
 def _group_base_validity(batch: ScoredBatch) -> torch.Tensor:
