@@ -461,3 +461,61 @@ def test_tilted_is_reverse_kl_toward_p_beta_and_trains(tiny_model_dir, tmp_path)
     trainer.train()
     assert math.isfinite(trainer.state.log_history[0]["loss"])
     assert trainer.state.log_history[0]["filtered/target_beta"] == pytest.approx(0.5)
+
+
+# ---- the offline step: filtered-rl rehearsal-sample ----------------------------------------------------------
+
+
+def rehearsal_args(model: Path, out: Path, *extra: str):
+    import argparse
+
+    from filtered_rl.rehearsal import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(
+        ["--model", str(model), "--dataset", "countdown", "--num-prompts", "8", "--num-samples", "4",
+         "--max-new-tokens", "24", "--batch-size", "32", "--output-dir", str(out), "--no-progress", *extra]
+    )  # fmt: skip
+
+
+def test_rehearsal_sample_stores_base_samples_with_their_per_token_logprobs(nano_model_dir, tmp_path) -> None:
+    """The nano base model on 8 countdown prompts, K = 4, near-perfect = at least one correct (so there are some).
+
+    Each stored completion's per-token base log-probs must sum to the log-prob its sampler recorded (the
+    sampler *is* the base model at T = 1): a check of the re-tokenisation and of the token alignment.
+    """
+    from filtered_rl.evaluation.outputs import read_jsonl
+    from filtered_rl.rehearsal import load_rehearsal, run
+
+    out = tmp_path / "rehearsal"
+    assert run(rehearsal_args(nano_model_dir, out, "--min-correct", "1")) == 0
+    rehearsal = load_rehearsal(out)
+    info = rehearsal.info
+    assert info["prompts"] == 8 and info["near_perfect_prompts"] + info["exploration_prompts"] == 8
+    assert info["rehearsal_samples"] == len(rehearsal.samples) > 0
+    assert len(rehearsal.near_perfect_keys) == info["near_perfect_prompts"]
+    assert info["retokenized_differently"] == 0  # a character tokenizer
+    records = {(r["prompt_id"], r["sample_index"]): r for r in read_jsonl(out / "samples.jsonl")}
+    for sample in rehearsal.samples:
+        record = records[(sample["prompt_id"], sample["sample_index"])]
+        assert record["verdict"] == 1.0 and sample["prompt_key"] in rehearsal.near_perfect_keys
+        assert len(sample["base_logprobs"]) == len(sample["completion_ids"]) == record["num_tokens"]
+        assert sum(sample["base_logprobs"]) == pytest.approx(record["logprob"], abs=1e-3)
+
+    first = (out / "rehearsal.jsonl").read_text()
+    assert run(rehearsal_args(nano_model_dir, out, "--min-correct", "1")) == 0  # resumed: nothing new drawn
+    assert json.loads((out / "summary.json").read_text())["run"]["new_samples"] == 0
+    assert [json.loads(x)["completion"] for x in (out / "rehearsal.jsonl").read_text().splitlines()] == [
+        json.loads(x)["completion"] for x in first.splitlines()
+    ]
+    # the paper's split (all K correct) keeps a subset of those prompts
+    assert run(rehearsal_args(nano_model_dir, out)) == 0
+    assert load_rehearsal(out).near_perfect_keys <= rehearsal.near_perfect_keys
+
+
+def test_rehearsal_sample_refuses_min_correct_above_k(tmp_path, capsys) -> None:
+    from filtered_rl.rehearsal import run
+
+    assert run(rehearsal_args(Path("unused"), tmp_path, "--min-correct", "5")) == 2
+    assert "--min-correct 5" in capsys.readouterr().err
