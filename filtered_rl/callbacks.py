@@ -1,9 +1,18 @@
-"""Set the KL coefficient of TRL's GRPOTrainer / RLOOTrainer from a target validity μ, each generation.
+"""Set the KL coefficient of a KL-in-reward trainer from a target validity μ, each generation.
+
+    from filtered_rl.trainers.grpo_kl_reward import GRPOKLRewardConfig, GRPOKLRewardTrainer
 
     callback = BetaFromValidityCallback(target_validity=0.8)
-    trainer = GRPOTrainer(model=path, reward_funcs=verifier, args=GRPOConfig(beta=0.04, ...), train_dataset=ds)
+    trainer = GRPOKLRewardTrainer(model=path, reward_funcs=verifier, args=GRPOKLRewardConfig(...), train_dataset=ds)
     callback.attach(trainer)
     trainer.train()
+
+Which trainers: β = 1/(logit μ − logit A) is exact for the optimum of E_π[v] − β·KL(π‖a), the tilted model
+p_β, and only trainers that descend that objective get there: TRL's RLOOTrainer (k1 KL folded into the
+reward) and `GRPOKLRewardTrainer` (algorithm `grpo_klr`, the same in GRPO's trainer). TRL's GRPOTrainer puts
+β·k3 in the loss (gradient of KL(a‖π)) and by default scales only the verifier's advantages by the group
+std; on an enumerable task μ = 0.6 ended at 0.99 (docs/controller.md), so `attach` refuses it and names
+these alternatives. `FilteredGRPOTrainer(target="tilted", target_validity=μ)` has the rule built in.
 
 Why `attach` and not just `callbacks=[...]`: a TrainerCallback sees neither the trainer nor the
 rewards nor the log-probs, and the β-from-μ rule needs all three. `attach` therefore
@@ -12,25 +21,25 @@ rewards nor the log-probs, and the β-from-μ rule needs all three. `attach` the
    keeps the last batch's 0/1 verdicts (the only place raw rewards exist: TRL discards them);
 2. wraps the trainer instance's `_generate_and_score_completions` (the hook TRL's maintainers advise
    subclasses to override): after TRL has generated and scored a batch, the verdicts, prompt ids and
-   sequence log-probs are gathered across processes, A(x) is estimated per prompt and smoothed by a
+   sequence log-probs are gathered across processes, A(x) is estimated per prompt and averaged by a
    `ValidityTracker`, and `BetaController` sets `trainer.beta`;
 3. registers itself as a callback, to log β every optimizer step and to save/restore the controller.
 
 Estimators of A(x) (`estimator=`):
 - "importance" (default): the policy's samples weighted by a/π_old, Â = (1/K) Σ w_i v_i
-  (`control.estimate_base_validity`, i.e. `divergences.group_log_partition`). GRPO: the reference log-probs come with the batch; the sampling
-  policy's come with it when TRL computed them, else one extra no-grad forward of the policy. RLOO:
-  the policy's come with the batch, the reference's cost one extra no-grad forward (TRL drops them).
+  (`control.estimate_base_validity`, i.e. `divergences.group_log_partition`). grpo_klr: the reference
+  log-probs come with the batch (β > 0); the sampling policy's cost one extra no-grad forward unless TRL
+  computed them. RLOO: the policy's come with the batch, the reference's cost one extra no-grad forward
+  (TRL drops them).
 - "policy": the plain mean of the policy's verdicts. Free; exact while π = a, biased upward (hence β
   too large, a weaker pull) as the policy improves.
 - "column": a dataset column (`base_validity_column`) holding A(x) measured offline from the base
   model's samples (plain mean of K verdicts). Free and unbiased; needs the extra pass beforehand.
 
-When β takes effect: GRPO adds β·KL to the loss at every optimizer step, so the β computed from a
-generation batch is used from that batch's first step on (buffered chunks of the same generation use
-it too; their reference log-probs were computed at generation time and do not depend on β). RLOO folds
-β·KL into the rewards *inside* generation, before this hook runs, so β computed from generation t
-shapes the rewards of generation t+1; the first generation uses `RLOOConfig.beta`.
+When β takes effect: both accepted trainers fold β·KL into the rewards *inside* generation, before this
+hook runs, so β computed from generation t shapes the rewards of generation t+1; the first generation
+uses the β the trainer was built with. (With `allow_loss_kl=True` on a GRPOTrainer, the loss of the same
+generation's steps uses it.)
 
 Checkpointing: the callback is a transformers `ExportableState`; the Trainer stores `state()` (the
 controller's integral and β, the per-prompt A table) in `trainer_state.json` under
@@ -103,15 +112,19 @@ class BetaFromValidityCallback(TrainerCallback, ExportableState):
         self,
         target_validity: float,
         closed_loop: bool = False,
-        kp: float = 0.5,
-        ki: float = 0.01,
-        max_error: float = 0.2,
-        max_log_correction: float = math.log(4.0),
+        kp: float = 0.1,
+        ki: float = 0.02,
+        max_error: float = 2.0,
+        observation_decay: float = 0.9,
+        integral_band: float = 0.5,
+        settle_tolerance: float = 0.25,
+        max_correction: float = 1.5,
+        max_step: float = 0.05,
         beta_min: float = 1e-3,
         beta_max: float = 10.0,
         estimator: str = "importance",
         base_validity_column: str = "base_validity",
-        decay: float = 0.9,
+        decay: float | None = None,
         validity_reward: str | None = None,
         max_prompts: int = 1_000_000,
     ):
@@ -123,10 +136,19 @@ class BetaFromValidityCallback(TrainerCallback, ExportableState):
             kp=kp,
             ki=ki,
             max_error=max_error,
-            max_log_correction=max_log_correction,
+            observation_decay=observation_decay,
+            integral_band=integral_band,
+            settle_tolerance=settle_tolerance,
+            max_correction=max_correction,
+            max_step=max_step,
             beta_min=beta_min,
             beta_max=beta_max,
         )
+        if decay is None:
+            # A(x) is a property of the fixed base model: the importance and column estimates of every visit
+            # estimate the same number, so they are averaged (weight 1/n up to 1000 visits). The policy's own
+            # validity drifts as it trains, so that estimator keeps a short memory.
+            decay = 0.9 if estimator == "policy" else 0.999
         self.estimator = estimator
         self.base_validity_column = base_validity_column
         self.validity_reward = validity_reward
@@ -137,15 +159,26 @@ class BetaFromValidityCallback(TrainerCallback, ExportableState):
 
     # ---- wiring ------------------------------------------------------------------------------------
 
-    def attach(self, trainer: Any) -> BetaFromValidityCallback:
-        """Hook this controller into a constructed GRPOTrainer or RLOOTrainer (or subclass); returns self."""
+    def attach(self, trainer: Any, *, allow_loss_kl: bool = False) -> BetaFromValidityCallback:
+        """Hook this controller into a constructed trainer whose `beta` weighs KL(π‖a) in the reward; returns self.
+
+        Accepted: TRL's RLOOTrainer, and trainers declaring `kl_in_reward = True` (`GRPOKLRewardTrainer`,
+        algorithm `grpo_klr`). Refused: TRL's GRPOTrainer and its subclasses, whose `beta` weighs the k3
+        estimator in the loss (see `loss_kl_refusal`); `allow_loss_kl=True` attaches anyway, for measuring
+        that combination (benchmarks/controller_table.py), not for training toward μ.
+        """
         if not hasattr(trainer, "beta") or not hasattr(trainer, "_generate_and_score_completions"):
             raise TypeError(f"{type(trainer).__name__} is not a TRL GRPOTrainer/RLOOTrainer (no `beta`)")
-        if not trainer.beta > 0:
+        if not allow_loss_kl and kl_placement(trainer) == "loss":
+            raise ValueError(loss_kl_refusal(trainer))
+        builds_reference = getattr(trainer, "needs_reference_model", False) and hasattr(
+            trainer, "register_state"
+        )
+        if not builds_reference and not trainer.beta > 0:
             raise ValueError(
                 f"{type(trainer).__name__} was built with beta={trainer.beta}: TRL creates the reference model "
-                "only when beta > 0, and the controller needs it. Set e.g. GRPOConfig(beta=0.04) / "
-                "RLOOConfig(beta=0.04); the controller overwrites the value from the first generation on"
+                "only when beta > 0, and the controller needs it. Set e.g. RLOOConfig(beta=0.04); the controller "
+                "overwrites the value from the first generation on"
             )
         if getattr(trainer.args, "sync_ref_model", False):
             raise ValueError(
@@ -271,6 +304,36 @@ class BetaFromValidityCallback(TrainerCallback, ExportableState):
     @tracker_state.setter
     def tracker_state(self, value: dict) -> None:
         self.tracker.load_state_dict(value)
+
+
+def kl_placement(trainer: Any) -> str:
+    """Where `trainer.beta` puts the KL: "reward" (RLOO, trainers with `kl_in_reward = True`) or "loss"
+    (TRL's GRPOTrainer and the subclasses that keep its k3 term)."""
+    from trl import RLOOTrainer
+
+    return "reward" if getattr(trainer, "kl_in_reward", False) or isinstance(trainer, RLOOTrainer) else "loss"
+
+
+def loss_kl_refusal(trainer: Any) -> str:
+    """Why β-from-μ cannot drive a trainer with the KL in the loss, and what to use instead."""
+    own = ""
+    if hasattr(trainer.args, "target_validity"):
+        own = (
+            f" ({type(trainer).__name__} has its own target_validity: set it in its config, with target='tilted', "
+            "instead of attaching this callback)"
+        )
+    return (
+        f"BetaFromValidityCallback cannot set the beta of {type(trainer).__name__}{own}: TRL's GRPOTrainer adds "
+        "beta·k3 to the loss, whose expected gradient is that of KL(a‖π), not KL(π‖a), and scale_rewards "
+        "divides only the verifier's part by the group std; training does not converge to the tilted model "
+        "p_β, so β = 1/(logit μ − logit A) does not give validity μ (docs/controller.md: μ = 0.6 from A = 0.2 "
+        "ended at 0.99 with the defaults, and the closed loop drove it below the base validity). Use one of: "
+        "GRPOKLRewardTrainer/GRPOKLRewardConfig from filtered_rl.trainers.grpo_kl_reward (algorithm "
+        "'grpo_klr': GRPO with the KL in the reward) with this callback; TRL's RLOOTrainer with this callback; "
+        "or FilteredGRPOTrainer(FilteredGRPOConfig(target='tilted', target_validity=μ, "
+        "divergence='reverse_kl')) (algorithm 'tilted') without it. (attach(..., allow_loss_kl=True) attaches "
+        "anyway, to measure this combination.)"
+    )
 
 
 def _wrap_validity_reward(trainer: Any, name: str | None) -> ValidityRecorder:

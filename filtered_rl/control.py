@@ -298,29 +298,58 @@ class ValidityTracker:
 # ----------------------------------------------------------------------------------------------------
 # The controller
 
+CONTROLLER_STATE_FORMAT = 2  # 1: filtered-rl 0.1 (PI on log β); its integral has other units and is reset
+
 
 @dataclass
 class BetaControllerConfig:
     """How β follows the target validity.
 
-    target_validity: μ, the validity of the tilted model p_β averaged over the batch's prompts with
-      0 < A < 1 (see `batch_beta_from_validity`).
-    closed_loop: add a proportional–integral correction driven by the observed validity.
-    kp, ki: gains on the error e = clip(μ − observed, ±max_error), in log β per unit of validity. The
-      defaults are gentle on purpose: early in training the policy lags p_β, and an integral wound up
-      during that transient overshoots later (at the largest error, ki·Σe needs ~700 steps to reach
-      max_log_correction).
-    max_error: clip of the error per step (Ziegler et al. 2019 clip theirs at ±0.2).
-    max_log_correction: |correction of log β| ≤ this (and the integral is held inside, anti-windup).
+    The open loop is eq. (2) on the smoothed A(x) of the batch (`batch_beta_from_validity`): exact when the
+    policy reaches p_β, which it does with the KL in the reward (RLOO, `grpo_klr`). The closed loop corrects
+    what the open loop cannot know (a biased A estimate, a policy that cannot reach p_β) from the observed
+    validity. It acts on the *tilt* s = 1/β, because at the optimum logit V = logit A + s (eq. 1): a change
+    c of the tilt moves the equilibrium's logit validity by exactly c, whatever A, μ and β, so one set of
+    gains is stable everywhere. (On log β the same loop would have gain −1/β, 10× larger at β = 0.1 than
+    at β = 1.) β = 1/(1/β_open + c).
+
+    target_validity: μ, the validity of p_β averaged over the batch's prompts with 0 < A < 1.
+    closed_loop: add the correction c, a proportional–integral term on the validity error.
+    kp: proportional gain, tilt per unit of error. The error is e = (μ − V)/(μ(1 − μ)), the logit error
+      to first order (finite and unbiased for a sampled V of 0 or 1).
+    ki: integral gain per generation. With a policy that follows its equilibrium with a lag of τ
+      generations, the loop τ·x'' + (1 + kp)·x' + ki·x = 0 is damped for ki < (1 + kp)²/(4τ); the defaults
+      are damped up to τ ≈ 15 generations, and for slower policies `integral_band` and the rate limit keep
+      the overshoot small. kp is small on purpose: the observed validity is noisy, and a proportional
+      term passes that noise straight into β (kp = 0.5 doubled the jitter of the validity in simulation).
+    max_error: clip of e per generation (a validity of 0 or 1 says little about how far off it is).
+    observation_decay: exponential average of the observed validity over generations (16 samples a prompt
+      give a standard error of ~0.12), used by the proportional term and the gates.
+    integral_band, settle_tolerance: the integral accumulates only while the averaged |e| ≤ integral_band,
+      or once the validity has settled (its average over the last ~1/(1 − observation_decay) generations
+      and over 4× as many differ by ≤ settle_tolerance in e), so not during the approach from A to μ: there
+      the error is large and transient (the policy lags), and integrating it would overshoot later. A
+      steady error outside the band (the open loop far off) is integrated once it is steady.
+    max_correction: |c| ≤ this (tilt units: logit of validity); the integral is held inside too.
+    max_step: |c_t − c_{t−1}| ≤ this per generation (a rate limit: the policy needs time to respond, and a
+      correction that jumps faster than that only adds overshoot).
     beta_min, beta_max: β is clamped into this range; beta_max is used when the target is already met.
+
+    Anti-windup: the integral does not move while the correction is held by a bound or by the rate limit in
+    the error's direction, and is never negative (weakening the pull) while the observed validity is below
+    the base validity: a policy under its base model needs more tilt, never less.
     """
 
     target_validity: float
     closed_loop: bool = False
-    kp: float = 0.5
-    ki: float = 0.01
-    max_error: float = 0.2
-    max_log_correction: float = math.log(4.0)
+    kp: float = 0.1
+    ki: float = 0.02
+    max_error: float = 2.0
+    observation_decay: float = 0.9
+    integral_band: float = 0.5
+    settle_tolerance: float = 0.25
+    max_correction: float = 1.5
+    max_step: float = 0.05
     beta_min: float = 1e-3
     beta_max: float = 10.0
 
@@ -328,24 +357,35 @@ class BetaControllerConfig:
         _check_target_validity(torch.tensor(float(self.target_validity)))
         if not 0 < self.beta_min < self.beta_max:
             raise ValueError(f"need 0 < beta_min < beta_max, got {self.beta_min}, {self.beta_max}")
-        if self.kp < 0 or self.ki < 0 or self.max_error <= 0 or self.max_log_correction < 0:
-            raise ValueError("kp, ki, max_log_correction must be ≥ 0 and max_error > 0")
+        for name in ("kp", "ki", "max_correction"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be ≥ 0")
+        for name in ("max_error", "integral_band", "settle_tolerance", "max_step"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0")
+        if not 0 <= self.observation_decay < 1:
+            raise ValueError(f"observation_decay={self.observation_decay} must lie in [0, 1)")
 
 
 class BetaController:
-    """β each step: open loop from eq. (2) on the smoothed A of the batch, then an optional bounded PI term.
-
-    Open loop is exact if the policy reaches p_β; in practice the policy lags (finite steps, finite
-    capacity), so the closed loop lowers β while the observed validity stays below μ and raises it
-    above, bounded by a factor e^{max_log_correction} either way.
-    """
+    """β each generation: open loop from eq. (2) on the smoothed A of the batch, then an optional bounded,
+    rate-limited PI correction of the tilt 1/β (see `BetaControllerConfig`)."""
 
     def __init__(self, config: BetaControllerConfig):
         self.config = config
         self.integral = 0.0
         self.open_loop_beta = config.beta_max  # until a batch with an informative prompt arrives
         self.correction = 0.0
+        self.observed = math.nan  # averaged observed validity (memory ~1/(1 − observation_decay))
+        self.observed_slow = math.nan  # the same over 4× as many generations
+        self.updates = 0  # closed-loop updates so far
         self.beta = config.beta_max
+
+    def error(self, validity: float) -> float:
+        """e = (μ − V)/(μ(1 − μ)): the logit error logit μ − logit V to first order, clipped to ±max_error."""
+        cfg = self.config
+        mu = cfg.target_validity
+        return min(max((mu - validity) / (mu * (1.0 - mu)), -cfg.max_error), cfg.max_error)
 
     def step(self, base_validities: Number, observed_validity: float | None = None) -> float:
         """Update and return β from this batch's per-prompt A estimates and the policy's observed validity.
@@ -355,35 +395,80 @@ class BetaController:
         """
         cfg = self.config
         a = _to_tensor(base_validities, "base_validities").flatten()
-        if ((a > 0) & (a < 1)).any():
-            beta = batch_beta_from_validity(cfg.target_validity, a, strict=False)
+        informative = a[(a > 0) & (a < 1)]
+        if informative.numel():
+            beta = batch_beta_from_validity(cfg.target_validity, informative, strict=False)
             self.open_loop_beta = min(max(beta, cfg.beta_min), cfg.beta_max)
-        log_beta = math.log(self.open_loop_beta)
+        tilt = 1.0 / self.open_loop_beta
         if cfg.closed_loop and observed_validity is not None and math.isfinite(observed_validity):
-            error = min(max(cfg.target_validity - observed_validity, -cfg.max_error), cfg.max_error)
-            if cfg.ki > 0:
-                limit = cfg.max_log_correction / cfg.ki
-                self.integral = min(max(self.integral + error, -limit), limit)
-            raw = cfg.kp * error + cfg.ki * self.integral
-            # Validity below target → weaker KL (smaller β), hence the minus sign.
-            self.correction = -min(max(raw, -cfg.max_log_correction), cfg.max_log_correction)
-            log_beta += self.correction
-        self.beta = min(max(math.exp(log_beta), cfg.beta_min), cfg.beta_max)
+            self._update_correction(
+                float(observed_validity), float(informative.mean()) if informative.numel() else None
+            )
+            tilt += self.correction
+        self.beta = cfg.beta_max if tilt <= 0 else min(max(1.0 / tilt, cfg.beta_min), cfg.beta_max)
         return self.beta
+
+    def _update_correction(self, observed: float, base_validity: float | None) -> None:
+        cfg = self.config
+        fast = cfg.observation_decay
+        slow = 1.0 - (1.0 - fast) / 4.0
+        first = math.isnan(self.observed)
+        self.observed = observed if first else fast * self.observed + (1 - fast) * observed
+        self.observed_slow = observed if first else slow * self.observed_slow + (1 - slow) * observed
+        self.updates += 1
+        smooth_error = self.error(self.observed)
+        warmed_up = self.updates >= 1.0 / (1.0 - slow)
+        settled = warmed_up and abs(smooth_error - self.error(self.observed_slow)) <= cfg.settle_tolerance
+        below_base = base_validity is not None and self.observed < base_validity
+        previous = self.correction
+        # Integral of the raw (unbiased) error, near the target or once settled (not during the approach).
+        integral = self.integral
+        if cfg.ki > 0 and (abs(smooth_error) <= cfg.integral_band or settled):
+            integral = min(
+                max(integral + cfg.ki * self.error(observed), -cfg.max_correction), cfg.max_correction
+            )
+        if below_base:
+            integral = max(integral, 0.0)
+        wanted = cfg.kp * smooth_error + integral
+        low, high = (
+            max(previous - cfg.max_step, -cfg.max_correction),
+            min(previous + cfg.max_step, cfg.max_correction),
+        )
+        if below_base:  # never a weaker pull than the open loop while under the base validity (no rate limit)
+            low, high = max(low, 0.0), max(high, 0.0)
+        correction = min(max(wanted, low), high)
+        held = correction != wanted and (wanted > correction) == (integral > self.integral)
+        # Conditional integration (anti-windup): an integral step the bounds or the rate limit swallowed
+        # is not kept, so the integral never grows beyond what is applied.
+        self.integral = self.integral if held and not below_base else integral
+        self.correction = correction
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "format": CONTROLLER_STATE_FORMAT,
             "integral": self.integral,
             "open_loop_beta": self.open_loop_beta,
             "correction": self.correction,
+            "observed": self.observed,
+            "observed_slow": self.observed_slow,
+            "updates": self.updates,
             "beta": self.beta,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.integral = float(state["integral"])
         self.open_loop_beta = float(state["open_loop_beta"])
-        self.correction = float(state["correction"])
         self.beta = float(state["beta"])
+        if state.get("format", 1) < CONTROLLER_STATE_FORMAT:
+            # The 0.1 controller's integral and correction were in log β: start the correction afresh.
+            self.integral, self.correction = 0.0, 0.0
+            self.observed = self.observed_slow = math.nan
+            self.updates = 0
+            return
+        self.integral = float(state["integral"])
+        self.correction = float(state["correction"])
+        self.observed = float(state["observed"])
+        self.observed_slow = float(state["observed_slow"])
+        self.updates = int(state["updates"])
 
 
 def beta_table(

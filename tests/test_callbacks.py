@@ -1,4 +1,5 @@
-"""BetaFromValidityCallback on TRL's GRPOTrainer and RLOOTrainer: β set, used, logged and checkpointed."""
+"""BetaFromValidityCallback on the KL-in-reward trainers (grpo_klr, TRL's RLOOTrainer): β set, used, logged
+and checkpointed; TRL's GRPOTrainer (k3 KL in the loss) refused with the alternatives named."""
 
 import json
 import math
@@ -16,6 +17,7 @@ from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer  # noqa: E402
 import filtered_rl.callbacks as callbacks_module  # noqa: E402
 from filtered_rl.callbacks import BetaFromValidityCallback  # noqa: E402
 from filtered_rl.control import batch_beta_from_validity  # noqa: E402
+from filtered_rl.trainers.grpo_kl_reward import GRPOKLRewardConfig, GRPOKLRewardTrainer  # noqa: E402
 
 CPU = dict(
     use_cpu=True, bf16=False, report_to=[], logging_steps=1, disable_tqdm=True, gradient_checkpointing=False
@@ -41,7 +43,11 @@ def prompts(n: int = 8) -> Dataset:
 
 
 def make_trainer(kind, model_dir, tmp_path, reward_funcs=has_digit, dataset=None, **overrides):
-    config_class, trainer_class = (GRPOConfig, GRPOTrainer) if kind == "grpo" else (RLOOConfig, RLOOTrainer)
+    config_class, trainer_class = {
+        "grpo": (GRPOConfig, GRPOTrainer),
+        "grpo_klr": (GRPOKLRewardConfig, GRPOKLRewardTrainer),
+        "rloo": (RLOOConfig, RLOOTrainer),
+    }[kind]
     values = dict(
         output_dir=str(tmp_path / f"out_{kind}"),
         per_device_train_batch_size=8,
@@ -86,11 +92,11 @@ def spy_generations(trainer, callback):
     return record
 
 
-def test_grpo_nano_countdown_sets_and_logs_beta_every_step(nano_model_dir, countdown_data, tmp_path):
+def test_grpo_klr_nano_countdown_sets_and_logs_beta_every_step(nano_model_dir, countdown_data, tmp_path):
     from filtered_rl.synthetic.countdown_verifier import CountdownVerifier
 
     trainer = make_trainer(
-        "grpo",
+        "grpo_klr",
         nano_model_dir,
         tmp_path,
         reward_funcs=CountdownVerifier(),
@@ -105,8 +111,10 @@ def test_grpo_nano_countdown_sets_and_logs_beta_every_step(nano_model_dir, count
     betas = logged(trainer, "kl_control/beta")
     assert len(betas) == 3 and all(0 < b < math.inf for b in betas)
     assert logged(trainer, "kl_control/target_validity") == [0.97] * 3
-    assert len(logged(trainer, "kl")) == 3  # the loss-side KL that β weighs
-    assert betas == record["after"]  # GRPO: β from a generation is the one its step's loss uses
+    assert len(logged(trainer, "grpo_klr/kl")) == 3  # the KL in the reward that β weighs
+    assert "kl" not in trainer.state.log_history[0]  # TRL's k3 loss term stays off
+    assert betas == record["after"]  # every step logs the β in force after its generation
+    assert record["at_rewards"][0] == 0.04 and record["at_rewards"][1:] == record["after"][:-1]
     assert float(trainer.beta) == betas[-1] == callback.controller.beta
     informative = logged(trainer, "kl_control/informative_prompts")
     assert len(informative) == 3  # A and the observed validity are logged for generations that inform β
@@ -115,16 +123,16 @@ def test_grpo_nano_countdown_sets_and_logs_beta_every_step(nano_model_dir, count
 
 
 @pytest.mark.parametrize("steps_per_generation", [1, 2])
-def test_grpo_beta_follows_open_loop_formula_and_reaches_the_loss(
+def test_grpo_klr_beta_follows_open_loop_formula_and_reaches_the_advantages(
     tiny_model_dir, tmp_path, monkeypatch, steps_per_generation
 ):
     trainer = make_trainer(
-        "grpo", tiny_model_dir, tmp_path, max_steps=4, steps_per_generation=steps_per_generation
+        "grpo_klr", tiny_model_dir, tmp_path, max_steps=4, steps_per_generation=steps_per_generation
     )
     callback = BetaFromValidityCallback(target_validity=0.9, estimator="importance").attach(trainer)
     assert trainer.reward_funcs[0].__name__ == "has_digit"  # TRL's logged name survives the wrapper
 
-    seen_logps, loss_betas = [], []
+    seen_logps, advantage_betas, loss_betas = [], [], []
     original = callbacks_module._sequence_logps_for_importance
     monkeypatch.setattr(
         callbacks_module,
@@ -137,7 +145,11 @@ def test_grpo_beta_follows_open_loop_formula_and_reaches_the_loss(
         smoothed_batches.append(base.clone()),
         original_step(base, observed),
     )[1]
-    compute_loss = trainer._compute_loss
+    compute_advantages, compute_loss = trainer.compute_advantages, trainer._compute_loss
+    trainer.compute_advantages = lambda batch: (
+        advantage_betas.append(float(trainer.beta)),
+        compute_advantages(batch),
+    )[1]
     trainer._compute_loss = lambda model, inputs: (
         loss_betas.append(float(trainer.beta)),
         compute_loss(model, inputs),
@@ -145,7 +157,7 @@ def test_grpo_beta_follows_open_loop_formula_and_reaches_the_loss(
     trainer.train()
 
     generations = 4 // steps_per_generation
-    assert len(seen_logps) == len(smoothed_batches) == generations
+    assert len(seen_logps) == len(smoothed_batches) == len(advantage_betas) == generations
     # First generation: the sampling policy is the reference (same weights): log π_old = log a.
     log_ref, log_old = seen_logps[0]
     assert torch.allclose(log_ref, log_old, atol=1e-4)
@@ -155,12 +167,16 @@ def test_grpo_beta_follows_open_loop_formula_and_reaches_the_loss(
         if informative.numel():
             solved = batch_beta_from_validity(0.9, informative, strict=False)
             beta = min(max(solved, 1e-3), 10.0)
-        expected += [beta] * steps_per_generation
-    assert loss_betas == pytest.approx(expected, rel=1e-12)
-    assert logged(trainer, "kl_control/beta") == loss_betas  # every optimizer step logs the β its loss used
-    assert any(0 < b < 10 and b != 0.04 for b in loss_betas)
-    if steps_per_generation == 2:  # buffered chunk of the same generation: same β
-        assert loss_betas[0] == loss_betas[1] and loss_betas[2] == loss_betas[3]
+        expected.append(beta)
+    # Generation t's advantages fold in the β computed from generation t − 1 (the first: the configured one).
+    assert advantage_betas == pytest.approx([0.04, *expected[:-1]], rel=1e-12)
+    assert logged(trainer, "grpo_klr/beta") == pytest.approx(advantage_betas, rel=1e-12)
+    assert logged(trainer, "kl_control/beta") == pytest.approx(
+        [b for b in expected for _ in range(steps_per_generation)], rel=1e-12
+    )
+    assert any(0 < b < 10 and b != 0.04 for b in expected)
+    assert "kl" not in trainer.state.log_history[0]  # β never reaches TRL's k3 loss term
+    if steps_per_generation == 2:
         assert len(logged(trainer, "kl_control/ess")) == 2
 
 
@@ -181,7 +197,7 @@ def test_rloo_beta_is_set_before_the_next_generation_uses_it(tiny_model_dir, tmp
 @pytest.mark.parametrize("estimator", ["policy", "column"])
 def test_free_estimators(tiny_model_dir, tmp_path, estimator):
     dataset = prompts().add_column("base_validity", [0.2] * 8)
-    trainer = make_trainer("grpo", tiny_model_dir, tmp_path, dataset=dataset, max_steps=2)
+    trainer = make_trainer("grpo_klr", tiny_model_dir, tmp_path, dataset=dataset, max_steps=2)
     callback = BetaFromValidityCallback(target_validity=0.6, estimator=estimator).attach(trainer)
     trainer.train()
     if estimator == "column":  # A = 0.2 everywhere: β = 1/(logit 0.6 − logit 0.2) exactly
@@ -192,12 +208,16 @@ def test_free_estimators(tiny_model_dir, tmp_path, estimator):
 
 
 def test_attach_errors(tiny_model_dir, tmp_path):
-    with pytest.raises(ValueError, match="beta=0.0.*GRPOConfig\\(beta=0.04\\)"):
+    with pytest.raises(ValueError, match="beta=0.0.*RLOOConfig\\(beta=0.04\\)"):
         BetaFromValidityCallback(target_validity=0.9).attach(
-            make_trainer("grpo", tiny_model_dir, tmp_path, beta=0.0)
+            make_trainer("rloo", tiny_model_dir, tmp_path, beta=0.0)
         )
+    # grpo_klr builds the reference model whatever beta is: beta=0 at construction is fine.
+    BetaFromValidityCallback(target_validity=0.9).attach(
+        make_trainer("grpo_klr", tiny_model_dir, tmp_path, beta=0.0)
+    )
     two = make_trainer(
-        "grpo",
+        "grpo_klr",
         tiny_model_dir,
         tmp_path,
         reward_funcs=[has_digit, lambda completions, **kw: [0.5] * len(completions)],
@@ -215,9 +235,38 @@ def test_attach_errors(tiny_model_dir, tmp_path):
         BetaFromValidityCallback(target_validity=1.0)
 
 
+def test_grpo_trainer_is_refused_naming_the_working_alternatives(tiny_model_dir, tmp_path):
+    """TRL's GRPOTrainer weighs k3 in the loss: β-from-μ does not reach μ there (docs/controller.md)."""
+    grpo = make_trainer("grpo", tiny_model_dir, tmp_path)
+    with pytest.raises(ValueError) as refused:
+        BetaFromValidityCallback(target_validity=0.6).attach(grpo)
+    message = str(refused.value)
+    for alternative in ("GRPOKLRewardTrainer", "'grpo_klr'", "RLOOTrainer", "target_validity=μ", "'tilted'"):
+        assert alternative in message
+    assert "KL(a‖π)" in message and "scale_rewards" in message
+    assert not any(isinstance(cb, BetaFromValidityCallback) for cb in grpo.callback_handler.callbacks)
+    assert grpo.reward_funcs[0] is has_digit  # nothing was wrapped before refusing
+
+    from filtered_rl.trainers.filtered import FilteredGRPOConfig, FilteredGRPOTrainer
+
+    filtered = FilteredGRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=has_digit,
+        args=FilteredGRPOConfig(
+            output_dir=str(tmp_path / "f"), per_device_train_batch_size=8, num_generations=4, **CPU
+        ),
+        train_dataset=prompts(),
+    )
+    with pytest.raises(ValueError, match="has its own target_validity"):
+        BetaFromValidityCallback(target_validity=0.6).attach(filtered)
+    # Measuring the refused combination stays possible, explicitly.
+    callback = BetaFromValidityCallback(target_validity=0.6).attach(grpo, allow_loss_kl=True)
+    assert callback.trainer is grpo
+
+
 def test_non_binary_rewards_are_refused(tiny_model_dir, tmp_path):
     trainer = make_trainer(
-        "grpo", tiny_model_dir, tmp_path, reward_funcs=lambda completions, **kw: [0.5] * len(completions)
+        "grpo_klr", tiny_model_dir, tmp_path, reward_funcs=lambda completions, **kw: [0.5] * len(completions)
     )
     BetaFromValidityCallback(target_validity=0.9).attach(trainer)
     with pytest.raises(ValueError, match="binary"):
@@ -229,7 +278,7 @@ def test_controller_state_survives_checkpoint_and_resume(tiny_model_dir, tmp_pat
     common = dict(
         save_strategy="steps", save_steps=2, restore_callback_states_from_checkpoint=trainer_restores
     )
-    first = make_trainer("grpo", tiny_model_dir, tmp_path, max_steps=2, **common)
+    first = make_trainer("grpo_klr", tiny_model_dir, tmp_path, max_steps=2, **common)
     callback = BetaFromValidityCallback(target_validity=0.9, closed_loop=True).attach(first)
     first.train()
     checkpoint = Path(first.args.output_dir) / "checkpoint-2"
@@ -240,7 +289,7 @@ def test_controller_state_survives_checkpoint_and_resume(tiny_model_dir, tmp_pat
     )
     assert set(saved["tracker_state"]["values"]) == set(callback.tracker.values)
 
-    resumed = make_trainer("grpo", tiny_model_dir, tmp_path, max_steps=3, **common)
+    resumed = make_trainer("grpo_klr", tiny_model_dir, tmp_path, max_steps=3, **common)
     fresh = BetaFromValidityCallback(target_validity=0.9, closed_loop=True).attach(resumed)
     record = spy_generations(resumed, fresh)
     resumed.train(resume_from_checkpoint=str(checkpoint))

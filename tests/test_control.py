@@ -223,29 +223,85 @@ def test_controller_open_loop_bounds_and_state():
         BetaControllerConfig(target_validity=0.5, beta_min=1.0, beta_max=0.5)
 
 
-def test_controller_closed_loop_direction_bound_and_anti_windup():
-    config = BetaControllerConfig(
-        target_validity=0.8, closed_loop=True, kp=1.0, ki=0.5, max_log_correction=1.0
-    )
+def test_controller_closed_loop_direction_rate_limit_and_bounds():
+    config = BetaControllerConfig(target_validity=0.8, closed_loop=True)
     controller = BetaController(config)
     base = [0.3, 0.5]
     open_loop = batch_beta_from_validity(0.8, base)
     low = controller.step(base, observed_validity=0.7)  # below target: smaller β (stronger tilt)
     assert low < open_loop
-    assert math.log(open_loop / low) == pytest.approx(1.0 * 0.1 + 0.5 * 0.1)
-    for _ in range(50):
-        controller.step(base, observed_validity=0.0)
-    assert controller.beta == pytest.approx(open_loop * math.exp(-1.0))  # bounded correction
-    assert controller.integral == pytest.approx(2.0)  # held at max_log_correction / ki
-    state = controller.state_dict()
-    twin = BetaController(config)
-    twin.load_state_dict(state)
-    assert twin.step(base, 0.9) == pytest.approx(controller.step(base, 0.9))
-    assert controller.step(base, 0.9) > controller.step(base, None) * 0 + 0  # β stays positive
-    # Above target the integral unwinds: β rises back toward (and past) the open-loop value.
+    # The correction acts on the tilt 1/β and moves at most max_step per generation.
+    assert 1 / low - 1 / open_loop == pytest.approx(config.max_step)
+    tilts = [1 / controller.step(base, observed_validity=0.0) - 1 / open_loop for _ in range(30)]
+    assert all(b - a <= config.max_step + 1e-12 for a, b in zip(tilts, tilts[1:]))
+    # Far from the target (outside integral_band) and not yet settled, the integral stays 0:
+    # proportional only, kp·max_error.
+    assert controller.integral == 0.0
+    assert tilts[-1] == pytest.approx(config.kp * config.max_error)
+    # A steady error, however large, is integrated once it is steady, up to the bound.
     for _ in range(200):
-        controller.step(base, observed_validity=0.95)
-    assert controller.beta > open_loop
+        controller.step(base, observed_validity=0.0)
+    assert controller.correction == pytest.approx(config.max_correction)
+    assert 0 < controller.integral <= config.max_correction
+    # Above target the correction comes back down (at the same rate) and past zero: β above open loop.
+    for _ in range(300):
+        controller.step(base, observed_validity=0.99)
+    assert controller.beta > open_loop and controller.correction < 0
+    with pytest.raises(ValueError, match="max_step"):
+        BetaControllerConfig(target_validity=0.8, max_step=0.0)
+    with pytest.raises(ValueError, match="observation_decay"):
+        BetaControllerConfig(target_validity=0.8, observation_decay=1.0)
+
+
+def test_controller_integral_near_target_anti_windup_and_state():
+    config = BetaControllerConfig(target_validity=0.6, closed_loop=True, ki=0.1, max_correction=0.3)
+    controller = BetaController(config)
+    base = [0.2]
+    # Slightly below target (inside integral_band) for long: the integral grows until the correction
+    # reaches its bound, then stops (it never holds more than the bound allows).
+    for _ in range(200):
+        controller.step(base, observed_validity=0.55)
+    assert controller.correction == pytest.approx(0.3)
+    held = controller.integral
+    assert 0 < held <= 0.3 + 1e-12
+    for _ in range(50):
+        controller.step(base, observed_validity=0.55)
+    assert controller.integral == pytest.approx(held)
+    # Round trip through a checkpoint.
+    twin = BetaController(config)
+    twin.load_state_dict(controller.state_dict())
+    assert twin.step(base, 0.62) == pytest.approx(controller.step(base, 0.62))
+    # A 0.1 checkpoint (integral in log β) keeps its β but restarts the correction.
+    legacy = {"integral": 5.0, "open_loop_beta": 0.4, "correction": -1.0, "beta": 0.3}
+    twin.load_state_dict(legacy)
+    assert (twin.integral, twin.correction, twin.beta) == (0.0, 0.0, 0.3)
+
+
+def test_controller_does_not_integrate_the_approach():
+    """While the policy climbs from A to μ the error is transient: integrating it would overshoot later."""
+    controller = BetaController(BetaControllerConfig(target_validity=0.6, closed_loop=True))
+    ramp = [0.2 + 0.4 * min(t / 40, 1.0) for t in range(40)]  # the policy approaching the target
+    for validity in ramp:
+        controller.step([0.2], observed_validity=validity)
+        if abs(controller.error(controller.observed)) > controller.config.integral_band:
+            assert controller.integral == 0.0
+    assert controller.integral < 0.1
+
+
+def test_controller_never_weakens_the_pull_below_the_base_validity():
+    """A policy under its base validity needs more tilt: a negative integral (wound up while above μ) is
+    dropped at once and the correction is never negative there."""
+    controller = BetaController(BetaControllerConfig(target_validity=0.6, closed_loop=True, ki=0.2))
+    base = [0.2]
+    for _ in range(100):  # long above target, inside the band: the integral goes negative
+        controller.step(base, observed_validity=0.68)
+    assert controller.integral < 0 and controller.correction < 0
+    for _ in range(20):  # then the policy collapses below A
+        beta = controller.step(base, observed_validity=0.05)
+        if controller.observed < 0.2:
+            assert controller.integral >= 0 and controller.correction >= 0
+            assert beta <= batch_beta_from_validity(0.6, base) + 1e-12
+    assert controller.observed < 0.2
 
 
 def _exact_kl_control(log_a, v, betas_for, steps, lr=0.1):
@@ -314,3 +370,28 @@ def test_beta_table_is_generated_from_the_formulas():
     table = beta_table(base_validities=(0.1, 0.5), targets=(0.5, 0.9)).splitlines()
     assert len(table) == 4 and table[-1].split("|")[2].strip() == "—"  # μ ≤ A has no β
     assert f"{beta_from_validity(0.9, 0.1):.3g} ({kl_tilted_to_base(0.9, 0.1):.2f})" in table[2]
+
+
+@pytest.mark.parametrize("closed_loop", [False, True])
+def test_closed_loop_corrects_a_biased_base_validity_and_never_drops_below_base(closed_loop):
+    """A over-estimated by 60 %: the open loop's β is too large and validity falls short of μ; the closed
+    loop, on sampled verdicts only, reaches μ, and the validity never drops below the base validity."""
+    log_a, v, base = _toy_prompts(seed=2)
+    mu, group_size = 0.7, 16
+    biased = (base * 1.6).clamp(max=0.95)
+    controller = BetaController(BetaControllerConfig(target_validity=mu, closed_loop=closed_loop))
+    g = torch.Generator().manual_seed(0)
+    trajectory = []
+
+    def betas_for(log_pi, step):
+        trajectory.append(float((log_pi.exp() * v).sum(1).mean()))
+        draws = torch.multinomial(log_pi.exp(), group_size, replacement=True, generator=g)
+        return controller.step(biased, float(v.gather(1, draws).mean()))
+
+    validity = float(_exact_kl_control(log_a, v, betas_for, steps=600, lr=0.05).mean())
+    if closed_loop:
+        assert validity == pytest.approx(mu, abs=0.03)
+        assert min(trajectory) >= float(base.mean()) - 1e-9
+        assert max(trajectory[300:]) < mu + 0.06  # settled, not oscillating
+    else:
+        assert validity < mu - 0.05
