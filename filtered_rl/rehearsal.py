@@ -260,30 +260,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def sample_rehearsal(
+    model: str,
+    output_dir: str | Path,
+    *,
+    num_samples: int = 8,
+    min_correct: int | None = None,
+    **settings: Any,
+) -> dict | None:
+    """Both phases (module doc) for `model` on a task; returns rehearsal_info on the main process.
+
+    `settings` are `EvalConfig` fields (dataset, split, num_prompts, max_new_tokens, seed, ...); the
+    temperature is 1 and top_p 1: the rehearsal divergence is an expectation under a itself, untempered.
+    Raises EvalConfigError for settings that cannot work (before any model loads).
+    """
+    from filtered_rl.evaluation.runner import EvalConfig, EvalConfigError, run_eval
+
+    min_correct = min_correct or num_samples
+    if not 1 <= min_correct <= num_samples:
+        raise EvalConfigError(f"--min-correct {min_correct} must lie in [1, --num-samples {num_samples}]")
+    config = EvalConfig(
+        model=model,
+        output_dir=str(output_dir),
+        num_samples=num_samples,
+        ks=[1, num_samples],
+        temperature=1.0,
+        top_p=1.0,
+        **settings,
+    )
+    run_eval(config)
+    return build_rehearsal_set(config, min_correct)
+
+
 def run(args: argparse.Namespace) -> int:
     from filtered_rl.evaluation.outputs import EvalOutputError
-    from filtered_rl.evaluation.runner import EvalConfig, EvalConfigError, run_eval
+    from filtered_rl.evaluation.runner import EvalConfigError
     from filtered_rl.train import resolve_model
 
-    min_correct = args.min_correct or args.num_samples
-    if min_correct > args.num_samples:
-        print(
-            f"filtered-rl rehearsal-sample: error: --min-correct {min_correct} > --num-samples",
-            file=sys.stderr,
-        )
-        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
-        config = EvalConfig(
-            model=resolve_model(args.model),  # `filtered-rl:nano` as in the recipes
-            output_dir=args.output_dir,
+        info = sample_rehearsal(
+            resolve_model(args.model),  # `filtered-rl:nano` as in the recipes
+            args.output_dir,
+            num_samples=args.num_samples,
+            min_correct=args.min_correct,
             dataset=args.dataset,
             data_files=args.data_files,
             split=args.split,
             num_prompts=args.num_prompts,
-            num_samples=args.num_samples,
-            ks=[1, args.num_samples],
-            temperature=1.0,  # the rehearsal divergence is an expectation under a itself, untempered
-            top_p=1.0,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
             chat_template=args.chat_template,
@@ -296,12 +323,6 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             progress=not args.no_progress,
         )
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
-        run_eval(config)
-        info = build_rehearsal_set(config, min_correct)
     except EvalConfigError as error:
         print(f"filtered-rl rehearsal-sample: error: {error}", file=sys.stderr)
         return 2

@@ -519,3 +519,46 @@ def test_rehearsal_sample_refuses_min_correct_above_k(tmp_path, capsys) -> None:
 
     assert run(rehearsal_args(Path("unused"), tmp_path, "--min-correct", "5")) == 2
     assert "--min-correct 5" in capsys.readouterr().err
+
+
+# ---- the frontier's arms -------------------------------------------------------------------------------------
+
+
+def test_frontier_arms_select_runs_by_name_at_the_presets_sizes() -> None:
+    import argparse
+
+    from filtered_rl.synthetic.frontier import (
+        ARMS,
+        GRPO_BETA_004,
+        MARA,
+        PASSK,
+        PRESETS,
+        add_arguments,
+        select_arms,
+    )
+
+    for name in (
+        "mara",
+        "dph",
+        "unlikeliness",
+        "passk",
+        "inverse-success",
+        "rloo",
+        "tilted",
+        "grpo-beta-0-04",
+    ):
+        assert name in ARMS
+    from filtered_rl.trainers import ALGORITHMS
+
+    assert all(spec.algorithm in ALGORITHMS for spec in ARMS.values())
+    chosen = select_arms(PRESETS["cpu"], ["mara", "passk", "grpo-beta-0-04", "mara"])
+    assert chosen.runs == (MARA, PASSK, GRPO_BETA_004) and chosen.steps == PRESETS["cpu"].steps
+    assert select_arms(PRESETS["cpu"], None) is PRESETS["cpu"]  # default: the preset's own runs
+    with pytest.raises(ValueError, match="--arms ppo: unknown"):
+        select_arms(PRESETS["cpu"], ["ppo"])
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--arms", "mara, passk"]).arms == ["mara", "passk"]
+    assert parser.parse_args([]).arms is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--arms", "mara,nope"])

@@ -63,3 +63,20 @@ def test_two_process_cpu_run_trains(algorithm: str, nano_model_dir: Path, tmp_pa
     if algorithm == "dph":
         assert all(entry["dph/rehearsal_loss"] >= 0 for entry in logs)
     assert (out / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_frontier_runs_baseline_arms_with_the_rehearsal_drawn_first(
+    nano_model_dir: Path, tmp_path: Path
+) -> None:
+    from dataclasses import replace
+
+    from filtered_rl.synthetic.frontier import DPH_FKL, MARA, Preset, run_frontier
+
+    dph = replace(DPH_FKL, rehearsal_min_correct=1)  # enough near-perfect prompts among 16 on nano
+    preset = Preset("nano", (MARA, dph), steps=2, train_prompts=16, num_generations=4, batch_size=8,
+                    learning_rate=1e-4, eval_prompts=4, eval_samples=4)  # fmt: skip
+    rows = run_frontier(preset, tmp_path, [0], threads=1, base_model=nano_model_dir)
+    assert [r["run"] for r in rows] == ["base model", MARA.name, DPH_FKL.name]
+    info = json.loads((tmp_path / "rehearsal" / "seed0-min1" / "rehearsal_info.json").read_text())
+    assert info["prompts"] == 16 and info["rehearsal_samples"] > 0

@@ -7,6 +7,7 @@ curves and the coverage–precision plane (pass@1 against pass@n) with the base 
 
     filtered-rl frontier --preset cpu --output-dir runs/frontier     # minutes on 2 cores
     filtered-rl frontier --preset gpu --seeds 0 1 2                  # the `small` model on one GPU
+    filtered-rl frontier --preset cpu --arms mara,passk,grpo-beta-0-04  # any arms (ARMS), the preset's sizes
 
 Runs are resumable: a finished training run (its `final/` model) or evaluation (`summary.json`) is
 reused, a killed one restarts from its last checkpoint / last finished prompt batch.
@@ -27,12 +28,17 @@ import numpy as np
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One training configuration: `algorithm` grpo (TRL, KL in the loss) or filtered (FilteredGRPOTrainer)."""
+    """One training configuration: `algorithm` is any registered algorithm (`filtered-rl train --list`).
+
+    `dph` needs its offline base-model samples: the frontier draws them (K = 8 per training prompt, cached
+    under `<output-dir>/rehearsal/seed<s>`) and a prompt is near-perfect with `rehearsal_min_correct` of 8.
+    """
 
     name: str
     algorithm: str
     options: dict[str, Any] = field(default_factory=dict)  # config fields: beta, divergence, alpha, ...
-    target_validity: float | None = None  # grpo only: the β-from-μ controller
+    target_validity: float | None = None  # grpo/rloo only: the β-from-μ controller
+    rehearsal_min_correct: int | None = None  # dph only (None: all 8, the paper's split)
 
 
 @dataclass
@@ -61,6 +67,18 @@ FILTERED_ALPHA = {
     for a in (0.25, 0.5, 0.75, 0.9)
 }
 FILTERED_JS = RunSpec("filtered JS", "filtered", {"divergence": "js"})
+# The literature's diversity-collapse remedies (docs/baselines.md), at the authors' defaults, and the two
+# exact KL-control arms (RLOO: k1 KL in the reward; tilted: reverse KL toward p_β).
+MARA = RunSpec("mara β=0.1", "mara", {"mara_beta": 0.1})
+# The nano base model never solves a training prompt 8 times out of 8 (of 200 prompts: 1 reaches 6 of 8,
+# 43 reach 3 of 8), so "near-perfect" is relaxed to ≥ 3 of 8 here (the paper: 8 of 8).
+DPH_FKL = RunSpec("dph forward KL", "dph", {"rehearsal_divergence": "forward_kl"}, rehearsal_min_correct=3)
+UNLIKELINESS = RunSpec("unlikeliness c=0.25", "unlikeliness", {"unlikeliness_penalty": 0.25})
+PASSK = RunSpec("pass@k training k=4", "passk", {"passk_k": 4})
+INVERSE_SUCCESS = RunSpec("inverse success α=1", "inverse_success", {"inverse_success_alpha": 1.0})
+RLOO_MU_08 = RunSpec("rloo μ=0.8", "rloo", {"beta": 0.04}, target_validity=0.8)
+TILTED_MU_08 = RunSpec("tilted reverse KL μ=0.8", "tilted", {"target_validity": 0.8})
+BASELINES = (MARA, DPH_FKL, UNLIKELINESS, PASSK, INVERSE_SUCCESS, RLOO_MU_08, TILTED_MU_08)
 # The issue's sweep: a few β and the μ controller; α ∈ {0 (forward KL), .25, .5, .75, .9} and JS.
 SWEEP = (
     GRPO_SMALL_BETA,
@@ -100,23 +118,56 @@ def slug(name: str) -> str:
                    .replace("μ", "mu")).strip("-")  # fmt: skip
 
 
+# `--arms`: every run spec by a short name (the baselines) or its slug (e.g. grpo-beta-0-01).
+ARMS: dict[str, RunSpec] = {
+    "mara": MARA, "dph": DPH_FKL, "unlikeliness": UNLIKELINESS, "passk": PASSK,
+    "inverse-success": INVERSE_SUCCESS, "rloo": RLOO_MU_08, "tilted": TILTED_MU_08,
+    **{slug(spec.name): spec for spec in (*SWEEP, *BASELINES)},
+}  # fmt: skip
+
+
+def select_arms(preset: Preset, arms: list[str] | None) -> Preset:
+    """The preset with only the named arms (same sizes); None keeps its own runs."""
+    if not arms:
+        return preset
+    unknown = [name for name in arms if name not in ARMS]
+    if unknown:
+        raise ValueError(f"--arms {','.join(unknown)}: unknown; choose from {', '.join(ARMS)}")
+    return replace(preset, runs=tuple(ARMS[name] for name in dict.fromkeys(arms)))
+
+
+def prepare_rehearsal(
+    spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset, seed: int
+) -> RunSpec:
+    """`dph` runs: draw (once, resumably) the base model's samples of the training prompts; else unchanged."""
+    if spec.algorithm != "dph" or "rehearsal_path" in spec.options:
+        return spec
+    from filtered_rl.rehearsal import sample_rehearsal
+
+    folder = output_dir / "rehearsal" / f"seed{seed}-min{spec.rehearsal_min_correct or 8}"
+    sample_rehearsal(
+        str(base_model), folder, num_samples=8, min_correct=spec.rehearsal_min_correct, dataset="countdown",
+        split="train", num_prompts=preset.train_prompts, max_new_tokens=preset.max_completion_length, seed=seed,
+        progress=False,
+    )  # fmt: skip
+    return replace(spec, options={**spec.options, "rehearsal_path": str(folder)})
+
+
 def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> Path:
     """Train one run from the base model; returns its final model directory (reused when present)."""
     import torch
-    from trl import GRPOConfig, GRPOTrainer
 
     from filtered_rl.callbacks import BetaFromValidityCallback
     from filtered_rl.data import load_task
-    from filtered_rl.trainer import FilteredGRPOConfig, FilteredGRPOTrainer
+    from filtered_rl.trainers import ALGORITHMS
 
     final = output_dir / "final"
     if (final / "config.json").exists():
         return final
     on_gpu = torch.cuda.is_available()
     config_class, trainer_class = (
-        (FilteredGRPOConfig, FilteredGRPOTrainer)
-        if spec.algorithm == "filtered"
-        else (GRPOConfig, GRPOTrainer)
+        ALGORITHMS[spec.algorithm].config_class,
+        ALGORITHMS[spec.algorithm].trainer_class,
     )
     args = config_class(
         output_dir=str(output_dir),
@@ -204,10 +255,12 @@ def run_frontier(
     *,
     threads: int | None = None,
     base_model: Path | None = None,
+    arms: list[str] | None = None,
 ) -> list[dict]:
     """Pretrain (cached) the base model, train every run for every seed, evaluate all; write results.
 
-    `preset` is a name in PRESETS or a Preset; `base_model` overrides the preset's pretrained base.
+    `preset` is a name in PRESETS or a Preset; `base_model` overrides the preset's pretrained base; `arms`
+    (names in ARMS) replaces the preset's runs, keeping its sizes.
     """
     import torch
 
@@ -215,7 +268,7 @@ def run_frontier(
 
     if threads:
         torch.set_num_threads(threads)
-    preset = PRESETS[preset] if isinstance(preset, str) else preset
+    preset = select_arms(PRESETS[preset] if isinstance(preset, str) else preset, arms)
     output_dir.mkdir(parents=True, exist_ok=True)
     base = base_model or load_or_pretrain(size=preset.base_size, seed=0)
     rows = []
@@ -224,7 +277,9 @@ def run_frontier(
         rows.append(row_from_summary("base model", seed, summary))
         for spec in preset.runs:
             run_dir = output_dir / "train" / f"{slug(spec.name)}-seed{seed}"
-            model = train_run(spec, base, run_dir, preset, seed)
+            model = train_run(
+                prepare_rehearsal(spec, base, output_dir, preset, seed), base, run_dir, preset, seed
+            )
             minutes = json.loads((model / "train_minutes.json").read_text())
             summary = evaluate_model(
                 model, base, output_dir / "eval" / f"{slug(spec.name)}-seed{seed}", preset, seed
@@ -354,11 +409,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
+    parser.add_argument(
+        "--arms",
+        type=_arm_list,
+        default=None,
+        help="comma-separated arms to run instead of the preset's, at its sizes, e.g. mara,passk,grpo-beta-0-04 "
+        f"(any of: {', '.join(ARMS)})",
+    )
+
+
+def _arm_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in ARMS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {unknown or [text]}; choose from {', '.join(ARMS)}")
+    return names
 
 
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
-    rows = run_frontier(args.preset, Path(args.output_dir), args.seeds, threads=args.threads)
+    rows = run_frontier(
+        args.preset, Path(args.output_dir), args.seeds, threads=args.threads, arms=getattr(args, "arms", None)
+    )
     print(format_table(aggregate(rows)))
     print(
         f"\nwrote {args.output_dir}/results.md, passk.png, frontier.png in {(time.perf_counter() - start) / 60:.1f} min"
