@@ -387,8 +387,8 @@ def test_trainer_hands_trl_the_pure_advantages_and_trains(algorithm, tiny_model_
     trainer = entry.trainer_class(
         model=str(tiny_model_dir), reward_funcs=has_digit, args=args, train_dataset=Dataset.from_list(rows)
     )
+    assert (trainer.ref_model is None) == (algorithm != "mara")  # only MARA reads log a(y)
     if algorithm == "dph":
-        assert trainer.ref_model is None  # no online reference model
         assert sorted(trainer.train_dataset["prompt"]) == ["q2:", "q3:"]  # exploration prompts only
     trainer.model.train()
     inputs = [row for row in rows[:2] for _ in range(4)]
@@ -562,3 +562,23 @@ def test_frontier_arms_select_runs_by_name_at_the_presets_sizes() -> None:
     assert parser.parse_args([]).arms is None
     with pytest.raises(SystemExit):
         parser.parse_args(["--arms", "mara,nope"])
+
+
+def test_objectives_without_log_a_still_get_trls_kl_term_when_beta_is_set(tiny_model_dir, tmp_path) -> None:
+    from _tiny_model import has_digit
+    from datasets import Dataset
+
+    from filtered_rl.trainers.passk_training import PassKTrainer
+
+    args = PassKConfig(output_dir=str(tmp_path), beta=0.04, passk_k=2, num_generations=4, max_completion_length=8,
+                       per_device_train_batch_size=8, **CPU)  # fmt: skip
+    trainer = PassKTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=has_digit,
+        args=args,
+        train_dataset=Dataset.from_list(prompt_rows(2)),
+    )
+    assert trainer.ref_model is not None and trainer.beta == 0.04
+    trainer.model.train()
+    output = trainer._generate_and_score_completions([row for row in prompt_rows(2) for _ in range(4)])
+    assert "ref_per_token_logps" in output  # TRL's k3 term applies

@@ -71,6 +71,7 @@ class InverseSuccessTrainer(PostScoringTrainer):
     _name = "InverseSuccess"
     config_class = InverseSuccessConfig
     metric_prefix = "inverse_success"
+    needs_reference_model = False  # never reads log a(y): no base model is built or run (unless beta > 0)
 
     def compute_advantages(self, batch: ScoredBatch) -> torch.Tensor:
         advantages = group_zscore(scored_reward(batch), batch.group_size, self.args.scale_rewards)

@@ -95,6 +95,7 @@ class PassKTrainer(PostScoringTrainer):
     _name = "PassK"
     config_class = PassKConfig
     metric_prefix = "passk"
+    needs_reference_model = False  # never reads log a(y): no base model is built or run (unless beta > 0)
 
     def compute_advantages(self, batch: ScoredBatch) -> torch.Tensor:
         k = min(self.args.passk_k, batch.group_size)  # an eval group may be smaller than k

@@ -126,6 +126,7 @@ class UnlikelinessTrainer(PostScoringTrainer):
     _name = "Unlikeliness"
     config_class = UnlikelinessConfig
     metric_prefix = "unlikeliness"
+    needs_reference_model = False  # never reads log a(y): no base model is built or run (unless beta > 0)
 
     def compute_advantages(self, batch: ScoredBatch) -> torch.Tensor:
         mean_logp = batch.log_pi_old / batch.lengths.to(batch.log_pi_old.dtype).clamp(min=1.0)
