@@ -6,7 +6,7 @@
 
 `algorithm` (YAML key or `--algorithm`) picks the trainer and hence the config dataclass, from the
 registry `filtered_rl.trainers.ALGORITHMS` (`filtered-rl train --list` prints it): e.g. `grpo` (TRL's
-GRPOTrainer, KL in the loss), `rloo` (TRL's RLOOTrainer, KL in the reward), `filtered`
+GRPOTrainer, k3 KL in the loss), `grpo_klr` (GRPO with the KL in the reward), `rloo` (TRL's RLOOTrainer, KL in the reward), `filtered`
 (FilteredGRPOTrainer). Setting `target_validity` (μ) turns the β-from-μ controller on for the
 algorithms that accept it. Flags override the YAML.
 `model_name_or_path: filtered-rl:nano` (or `:small`) builds/loads the project's own base model.
@@ -64,7 +64,7 @@ class ScriptArguments:
 
 @dataclass
 class ControllerArguments:
-    """grpo/rloo only: the β-from-μ controller (FilteredGRPOConfig has its own `target_validity`)."""
+    """grpo_klr/rloo only: the β-from-μ controller (the filtered/tilted configs have their own `target_validity`)."""
 
     target_validity: float | None = field(
         default=None,
@@ -192,13 +192,34 @@ def parse_recipe_args(argv: list[str]) -> tuple[str, tuple]:
 
     from filtered_rl.trainers import ALGORITHMS
 
-    dataclasses = (ScriptArguments, ALGORITHMS[algorithm].config_class, ModelConfig)
-    if ALGORITHMS[algorithm].accepts_controller:
+    entry = ALGORITHMS[algorithm]
+    dataclasses = (ScriptArguments, entry.config_class, ModelConfig)
+    if entry.accepts_controller:
         dataclasses += (ControllerArguments,)
+    elif "target_validity" not in entry.config_class.__dataclass_fields__ and _sets(argv, "target_validity"):
+        raise SystemExit(
+            f"filtered-rl train: target_validity (the β-from-μ controller) is not available for algorithm "
+            f"{algorithm!r}: " + CONTROLLER_ALTERNATIVES
+        )
     try:
         return algorithm, TrlParser(dataclasses).parse_args_and_config(args=argv)
     except ValueError as error:  # a config's __post_init__ names the field
         raise SystemExit(f"filtered-rl train: {error}") from None
+
+
+CONTROLLER_ALTERNATIVES = (
+    "β = 1/(logit μ − logit A) gives validity μ only where the optimum is the tilted model p_β. Use "
+    "grpo_klr (GRPO with the KL in the reward), rloo, or tilted (target_validity of the exact KL-control "
+    "objective); TRL's grpo adds a k3 KL to the loss, whose fixed point is not p_β (docs/controller.md)"
+)
+
+
+def _sets(argv: list[str], key: str) -> bool:
+    """Whether a flag or the (flattened) YAML config sets `key` to something other than null."""
+    if _flag_value(argv, f"--{key}") is not None:
+        return True
+    config_path = _flag_value(argv, "--config")
+    return bool(config_path) and _read_yaml(config_path).get(key) is not None
 
 
 def config_class(algorithm: str) -> type:

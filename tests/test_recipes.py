@@ -64,11 +64,11 @@ def test_bad_settings_fail_before_any_model_is_loaded(tmp_path: Path) -> None:
 
     with pytest.raises(SystemExit, match="target_validity=1.5"):
         parse_recipe_args(
-            ["--algorithm", "grpo", "--target_validity", "1.5", "--output_dir", str(tmp_path), *CPU_FLAGS]
+            ["--algorithm", "grpo_klr", "--target_validity", "1.5", "--output_dir", str(tmp_path), *CPU_FLAGS]
         )
     with pytest.raises(SystemExit, match="controller_estimator"):
         parse_recipe_args(
-            ["--algorithm", "grpo", "--controller_estimator", "x", "--output_dir", str(tmp_path), *CPU_FLAGS]
+            ["--algorithm", "rloo", "--controller_estimator", "x", "--output_dir", str(tmp_path), *CPU_FLAGS]
         )
     with pytest.raises(SystemExit, match="target_validity"):
         parse_recipe_args(
@@ -84,10 +84,17 @@ def test_bad_settings_fail_before_any_model_is_loaded(tmp_path: Path) -> None:
                 *CPU_FLAGS,
             ]
         )
+    # TRL's GRPO (k3 KL in the loss) has no p_β fixed point: the controller is refused before any model loads
+    with pytest.raises(SystemExit, match="not available for algorithm 'grpo'.*grpo_klr"):
+        parse_recipe_args(["--algorithm", "grpo", "--target_validity", "0.8", *CPU_FLAGS])
+    yaml_config = tmp_path / "grpo.yaml"
+    yaml_config.write_text("algorithm: grpo\ngrpo:\n  beta: 0.04\n  target_validity: 0.8\n")
+    with pytest.raises(SystemExit, match="not available for algorithm 'grpo'.*rloo"):
+        parse_recipe_args(["--config", str(yaml_config), *CPU_FLAGS])
     _, (_, training_args, _, controller) = parse_recipe_args(
         [
             "--algorithm",
-            "grpo",
+            "grpo_klr",
             "--beta",
             "0",
             "--target_validity",
@@ -143,7 +150,7 @@ def _launch(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("algorithm", ["filtered", "grpo"])
+@pytest.mark.parametrize("algorithm", ["filtered", "grpo_klr"])
 def test_two_process_cpu_run_trains_and_resumes(algorithm: str, nano_model_dir: Path, tmp_path: Path) -> None:
     """The CI smoke test: accelerate + gloo, 2 steps, checkpoint, resume to step 3 with the same state."""
     out = tmp_path / "run"
@@ -157,7 +164,7 @@ def test_two_process_cpu_run_trains_and_resumes(algorithm: str, nano_model_dir: 
     checkpoint = out / "checkpoint-2"
     assert (checkpoint / "optimizer.pt").exists() and (checkpoint / "trainer_state.json").exists()
     state = json.loads((checkpoint / "trainer_state.json").read_text())
-    if algorithm == "grpo":  # the β-from-μ controller's state travels in the checkpoint
+    if algorithm == "grpo_klr":  # the β-from-μ controller's state travels in the checkpoint
         assert "BetaFromValidityCallback" in state["stateful_callbacks"]
 
     second = _launch([*common, "--max_steps", "3", "--resume_from_checkpoint", str(checkpoint)], tmp_path)
@@ -165,7 +172,7 @@ def test_two_process_cpu_run_trains_and_resumes(algorithm: str, nano_model_dir: 
     final = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     steps = [entry["step"] for entry in final["log_history"] if "loss" in entry]
     assert steps == [1, 2, 3], steps  # resumed at step 3, not restarted
-    if algorithm == "grpo":
+    if algorithm == "grpo_klr":
         assert any("kl_control/beta" in entry for entry in final["log_history"])
 
 

@@ -1,5 +1,7 @@
 """TRL's own KL-regularised trainers, registered as algorithms: `grpo` (KL in the loss) and `rloo`
-(KL in the reward). Both accept the β-from-μ controller (`filtered_rl.callbacks`)."""
+(KL in the reward). Only `rloo` accepts the β-from-μ controller (`filtered_rl.callbacks`): the k3 term in
+GRPO's loss does not have p_β as its optimum (docs/controller.md), so `grpo` with `target_validity` is refused
+in favour of `grpo_klr`, `rloo` or `tilted`."""
 
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
@@ -9,10 +11,11 @@ ALGORITHMS.register(
     "grpo",
     Algorithm(
         "grpo",
-        "TRL GRPOTrainer: group-normalised rewards, k3 KL estimate added to the loss (beta)",
+        "TRL GRPOTrainer: group-normalised rewards, k3 KL estimate added to the loss (fixed beta; "
+        "for β-from-μ use grpo_klr)",
         GRPOTrainer,
         GRPOConfig,
-        accepts_controller=True,
+        accepts_controller=False,
     ),
 )
 ALGORITHMS.register(
