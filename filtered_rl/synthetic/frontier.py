@@ -60,7 +60,9 @@ class Preset:
 GRPO_SMALL_BETA = RunSpec("grpo β=0.01", "grpo", {"beta": 0.01})
 GRPO_BETA_004 = RunSpec("grpo β=0.04", "grpo", {"beta": 0.04})
 GRPO_BETA_02 = RunSpec("grpo β=0.2", "grpo", {"beta": 0.2})
-GRPO_MU_08 = RunSpec("grpo μ=0.8", "grpo", {"beta": 0.04}, target_validity=0.8)
+# β-from-μ on GRPO needs the KL in the reward (grpo_klr): TRL's GRPO, k3 KL in the loss, overshoots μ and the
+# callback refuses it (docs/controller.md). Before 0.2 this arm was "grpo μ=0.8" on TRL's GRPOTrainer.
+GRPO_MU_08 = RunSpec("grpo_klr μ=0.8", "grpo_klr", {"beta": 0.04}, target_validity=0.8)
 FILTERED_FKL = RunSpec("filtered forward KL", "filtered", {"divergence": "forward_kl"})
 FILTERED_ALPHA = {
     a: RunSpec(f"filtered α={a}", "filtered", {"divergence": "alpha", "alpha": a})
