@@ -25,6 +25,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "filtered_rl.train",
         "train with any registered algorithm from a recipe YAML (TrlParser flags)",
     ),
+    "rehearsal-sample": (
+        "filtered_rl.rehearsal",
+        "sample the base model offline for DPH-RL rehearsal (resumable, sharded under accelerate)",
+    ),
     "eval": ("filtered_rl.evaluation.cli", "pass@1/pass@k, coverage and diversity of a model on a dataset"),
     "plot": ("filtered_rl.evaluation.plots", "plot pass@k curves from one or more summary files"),
     "toy": ("filtered_rl.synthetic.toy", "the exact enumerable toy: KL-control vs filtered objectives"),

@@ -339,7 +339,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `accelerate launch -m filtered_rl.rehearsal ...` before the CLI registers it
+if __name__ == "__main__":  # `accelerate launch -m filtered_rl.rehearsal ...` (= `filtered-rl rehearsal-sample`)
     _parser = argparse.ArgumentParser(
         prog="filtered-rl rehearsal-sample", description=__doc__.splitlines()[0]
     )

@@ -582,3 +582,14 @@ def test_objectives_without_log_a_still_get_trls_kl_term_when_beta_is_set(tiny_m
     trainer.model.train()
     output = trainer._generate_and_score_completions([row for row in prompt_rows(2) for _ in range(4)])
     assert "ref_per_token_logps" in output  # TRL's k3 term applies
+
+
+def test_rehearsal_sample_is_a_filtered_rl_subcommand() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "filtered_rl.cli", "rehearsal-sample", "--help"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert "--min-correct" in done.stdout and "--output-dir" in done.stdout
