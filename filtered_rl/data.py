@@ -4,16 +4,22 @@
 `Task`: a `datasets.Dataset` with a ``prompt`` column in the form TRL expects (conversational messages
 ``[{"role": "system", ...}, {"role": "user", ...}]`` or plain text), a stable ``prompt_id``, the gold
 columns its verifier reads, and the verifier itself (a TRL reward function). Any other dataset works
-with `prompt_column=` and `verifier=` ("math", "code" or "countdown").
+with `prompt_column=` and `verifier=` ("math", "code" or a synthetic task's name).
+
+Synthetic tasks (generated prompts, verifiers that can enumerate every valid answer) are not built in
+here: a name that is not a built-in is looked up in the registry of `SYNTHETIC_TASKS_MODULE`
+(imported only then), so `load_task(<synthetic task>)` generates its prompts and `Task.valid_answers`
+lists its valid answers.
 
 Prompt formatting: conversational prompts (the default for math and code tasks) are rendered with the
 tokenizer's chat template at generation time (`render_prompt`); plain-text prompts are used verbatim
-(countdown's default, for the character-level base model). Math tasks ask for a boxed final answer,
-code tasks for one ```python block.
+(the synthetic tasks' default, for a character-level base model). Math tasks ask for a boxed final
+answer, code tasks for one ```python block.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,13 +34,15 @@ CODE_SYSTEM_PROMPT = (
 
 # name -> (kind, hub id, hub config, default split, local file name inside a directory)
 BUILTIN_TASKS: dict[str, tuple[str, str, str | None, str, str]] = {
-    "countdown": ("countdown", "", None, "test", ""),
     "gsm8k": ("math", "openai/gsm8k", "main", "test", "{split}.jsonl"),
     "math500": ("math", "HuggingFaceH4/MATH-500", None, "test", "test.jsonl"),
     "humaneval": ("code", "openai/openai_humaneval", None, "test", "HumanEval.jsonl"),
     "mbpp": ("code", "google-research-datasets/mbpp", "sanitized", "test", "sanitized-mbpp.json"),
 }
-VERIFIER_NAMES = ("countdown", "math", "code")
+BUILTIN_VERIFIERS = ("math", "code")
+# Where the synthetic tasks' registry lives (a name, so that the product never imports the demo
+# unless a synthetic task is asked for).
+SYNTHETIC_TASKS_MODULE = "filtered_rl.synthetic.tasks"
 # MBPP's published split boundaries (task_id ranges), as on the hub.
 MBPP_SPLITS = {"test": (11, 510), "train": (601, 974), "validation": (511, 600), "prompt": (1, 10)}
 
@@ -47,15 +55,27 @@ class Task:
     dataset: Any  # datasets.Dataset: prompt, prompt_id, gold columns
     verifier: Any  # filtered_rl.verifiers.BinaryVerifier
     conversational: bool
-    kind: str = "custom"  # countdown | math | code | custom
+    kind: str = "custom"  # math | code | custom | the synthetic task's name
+    synthetic: Any = None  # the SyntheticTask that generated the prompts, if any
 
     def valid_answers(self, row: dict[str, Any]) -> set[str] | None:
         """Every valid answer (as `verifier.answer_key` writes it) when the task can enumerate them."""
-        if self.kind == "countdown":
-            from filtered_rl.synthetic.countdown import enumerate_solutions
-
-            return enumerate_solutions(row["numbers"], row["target"])
+        if self.synthetic is not None:
+            return self.synthetic.enumerate_valid(row)
         return None
+
+
+def synthetic_task(name: Any) -> Any:
+    """The registered synthetic task called `name`, or None (imports the registry's package lazily)."""
+    if not isinstance(name, str):
+        return None
+    tasks = importlib.import_module(SYNTHETIC_TASKS_MODULE).TASKS
+    return tasks[name] if name in tasks else None
+
+
+def verifier_names() -> tuple[str, ...]:
+    """Names `make_verifier` accepts: the built-in verifiers and every synthetic task."""
+    return BUILTIN_VERIFIERS + importlib.import_module(SYNTHETIC_TASKS_MODULE).TASKS.names()
 
 
 def load_task(
@@ -70,41 +90,47 @@ def load_task(
     verifier: str | Any | None = None,
     gold_column: str | None = None,
     seed: int = 0,
+    task_options: dict[str, Any] | None = None,
     countdown_kwargs: dict[str, Any] | None = None,
 ) -> Task:
     """Load a task's prompts and verifier.
 
-    name: a built-in task (countdown, gsm8k, math500, humaneval, mbpp), or any hub dataset / local
-        data file, which then needs `prompt_column` and `verifier`.
+    name: a built-in task (gsm8k, math500, humaneval, mbpp), a synthetic task (`synthetic_task`), or
+        any hub dataset / local data file, which then needs `prompt_column` and `verifier`.
     data_files: a local file or directory (built-ins: the layout of the public releases, e.g.
         gsm8k/test.jsonl, HumanEval.jsonl); None loads built-ins from the hub.
     split: dataset split (default: "test"); limit: keep the first `limit` prompts.
     conversational: prompts as chat messages (rendered with the chat template) or plain text;
-        default True for math/code tasks, False for countdown and custom datasets.
-    system_prompt: "auto" (boxed answer for math, ```python block for code, none for countdown), a
-        string, or None. verifier: "math" | "code" | "countdown" or a verifier instance.
-    seed, countdown_kwargs: forwarded to `make_countdown_dataset` (countdown prompts are generated).
+        default True for math/code tasks, False for synthetic tasks and custom datasets.
+    system_prompt: "auto" (boxed answer for math, ```python block for code, none for synthetic
+        tasks), a string, or None. verifier: one of `verifier_names()` or a verifier instance.
+    seed, task_options: a synthetic task's prompt seed and difficulty knobs (its `default_options`),
+        plus ``num_train``/``num_test``: how many prompts of that split when `limit` is not given.
+        `countdown_kwargs` is the old name of `task_options`, still accepted.
     """
+    task_options = {**(countdown_kwargs or {}), **(task_options or {})}
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be ≥ 1 prompts, got {limit}")
+    synthetic = None if name in BUILTIN_TASKS else synthetic_task(name)
     if name in BUILTIN_TASKS:
         kind, hub_id, hub_config, default_split, local_name = BUILTIN_TASKS[name]
         split = split or default_split
-        if kind == "countdown":
-            dataset = _countdown(split, limit, seed, countdown_kwargs or {}).rename_column(
-                "prompt", "question"
-            )
-        else:
-            raw = _load_raw(name, hub_id, hub_config, split, data_files, local_name)
-            if limit is not None:
-                raw = raw.select(range(min(limit, len(raw))))
-            dataset = _NORMALISERS[name](raw, split)
+        raw = _load_raw(name, hub_id, hub_config, split, data_files, local_name)
+        if limit is not None:
+            raw = raw.select(range(min(limit, len(raw))))
+        dataset = _NORMALISERS[name](raw, split)
         verifier = verifier or kind
+    elif synthetic is not None:
+        kind = synthetic.name
+        split = split or "test"
+        dataset = _synthetic(synthetic, split, limit, seed, task_options).rename_column("prompt", "question")
+        verifier = verifier or synthetic.name
     else:
         if prompt_column is None or verifier is None:
             raise ValueError(
-                f"dataset {name!r} is not a built-in task ({', '.join(BUILTIN_TASKS)}): pass prompt_column= "
-                f"(--prompt-column) and verifier= (--verifier {'|'.join(VERIFIER_NAMES)})"
+                f"dataset {name!r} is not a built-in task ({', '.join(BUILTIN_TASKS)}) nor a synthetic one "
+                f"({', '.join(importlib.import_module(SYNTHETIC_TASKS_MODULE).TASKS.names())}): pass "
+                f"prompt_column= (--prompt-column) and verifier= (--verifier {'|'.join(verifier_names())})"
             )
         split = split or "test"
         raw = _load_generic(name, split, data_files)
@@ -141,7 +167,14 @@ def load_task(
             lambda row: {"prompt": build_prompt(row["question"], system_prompt, conversational)},
             remove_columns=["question", *(["prompt"] if "prompt" in dataset.column_names else [])],
         )
-    return Task(name=name, dataset=dataset, verifier=verifier_obj, conversational=conversational, kind=kind)
+    return Task(
+        name=name,
+        dataset=dataset,
+        verifier=verifier_obj,
+        conversational=conversational,
+        kind=kind,
+        synthetic=synthetic,
+    )
 
 
 def build_prompt(
@@ -175,16 +208,16 @@ def render_prompt(prompt: list[dict[str, str]] | str, tokenizer: Any) -> str:
 
 
 def make_verifier(name: str, gold_column: str | None = None, **options: Any) -> Any:
-    """A verifier by name: "math" (math-verify), "code" (sandboxed tests), "countdown"; `options` go to
-    its constructor (e.g. the code verifier's `prompt_column`, `limits`, `workers`)."""
+    """A verifier by name: "math" (math-verify), "code" (sandboxed tests), or a synthetic task's;
+    `options` go to its constructor (e.g. the code verifier's `prompt_column`, `limits`, `workers`)."""
     if name == "math":
         from filtered_rl.verifiers.math import MathVerifier as cls
     elif name == "code":
         from filtered_rl.verifiers.code import CodeVerifier as cls
-    elif name == "countdown":
-        from filtered_rl.synthetic.countdown_verifier import CountdownVerifier as cls
+    elif (synthetic := synthetic_task(name)) is not None:
+        cls = synthetic.make_verifier
     else:
-        raise ValueError(f"unknown verifier {name!r}: choose one of {', '.join(VERIFIER_NAMES)}")
+        raise ValueError(f"unknown verifier {name!r}: choose one of {', '.join(verifier_names())}")
     verifier = cls(**options)
     if gold_column is not None:
         verifier.gold_column = gold_column
@@ -194,17 +227,13 @@ def make_verifier(name: str, gold_column: str | None = None, **options: Any) -> 
 # --- loading ---------------------------------------------------------------------------------------
 
 
-def _countdown(split: str, limit: int | None, seed: int, kwargs: dict[str, Any]) -> Any:
-    """Countdown prompts of one split: `limit` (or kwargs' num_train/num_test) of them, at most the pool."""
-    from filtered_rl.synthetic.countdown import make_countdown_dataset, prompt_pool_size
-
-    if split not in ("train", "test"):
-        raise ValueError(f"countdown has splits 'train' and 'test', got split={split!r}")
-    task = {k: v for k, v in kwargs.items() if k not in ("num_train", "num_test")}
-    pool = prompt_pool_size(**{k: v for k, v in task.items() if k != "with_solutions"})[split]
-    size = min(limit or kwargs.get(f"num_{split}") or pool, pool)
-    sizes = {"num_train": size if split == "train" else 0, "num_test": size if split == "test" else 0}
-    return make_countdown_dataset(**sizes, seed=seed, **task)[split]
+def _synthetic(task: Any, split: str, limit: int | None, seed: int, options: dict[str, Any]) -> Any:
+    """A synthetic task's prompts of one split: `limit` (or options' num_train/num_test) of them."""
+    options = dict(options)
+    size = limit or options.pop(f"num_{split}", None)
+    options.pop("num_train", None), options.pop("num_test", None)
+    with_solutions = bool(options.pop("with_solutions", False))
+    return task.load_split(split, size, seed=seed, with_solutions=with_solutions, **options)
 
 
 def _load_raw(

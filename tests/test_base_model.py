@@ -19,7 +19,7 @@ from filtered_rl.synthetic.base_model import (
     make_config,
     pretrain_base_model,
 )
-from filtered_rl.synthetic.countdown import format_prompt, random_expression
+from filtered_rl.synthetic.tasks.countdown import format_prompt, make_countdown_dataset, random_expression
 
 # A few-step configuration: enough to test mechanics, not to learn the task.
 TINY = dict(
@@ -27,7 +27,7 @@ TINY = dict(
     batch_size=8,
     corpus_prompts=40,
     warmup_steps=2,
-    task=dict(num_numbers=3, max_number=6, max_target=20, min_solutions=2),
+    task_options=dict(num_numbers=3, max_number=6, max_target=20, min_solutions=2),
 )
 
 
@@ -174,7 +174,6 @@ def test_sample_cli_prints_a_histogram(nano_model_dir, capsys):
 def test_full_nano_model_has_a_validity_spread(tmp_path):
     """The default nano model: most held-out prompts solved sometimes, in several ways."""
     from filtered_rl.synthetic.report import validity_report
-    from filtered_rl.synthetic.countdown import make_countdown_dataset
 
     path = load_or_pretrain("nano", seed=0)
     report = validity_report(path, make_countdown_dataset(0, 64, seed=0)["test"], num_samples=32)
@@ -186,7 +185,7 @@ def test_full_nano_model_has_a_validity_spread(tmp_path):
 def test_grpo_trainer_accepts_the_model_directory(nano_model_dir, countdown_data, tmp_path):
     from trl import GRPOConfig, GRPOTrainer
 
-    from filtered_rl.synthetic.countdown_verifier import CountdownVerifier
+    from filtered_rl.synthetic.tasks.countdown import CountdownVerifier
 
     args = GRPOConfig(
         output_dir=str(tmp_path),

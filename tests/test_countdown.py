@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from filtered_rl.synthetic.countdown import (
+from filtered_rl.synthetic.tasks.countdown import (
     MAX_NUMBER,
     MAX_TARGET,
     MIN_SOLUTIONS,
     NUM_NUMBERS,
+    CountdownVerifier,
     canonical_answer,
     enumerate_solutions,
     extract_expression,
@@ -26,8 +27,8 @@ from filtered_rl.synthetic.countdown import (
     parse_answer,
     prompt_pool_size,
     random_expression,
+    verify_countdown,
 )
-from filtered_rl.synthetic.countdown_verifier import CountdownVerifier, verify_countdown
 
 NUMBERS, TARGET = [3, 5, 7, 9], 24
 

@@ -1,16 +1,19 @@
-"""The base model a(y|x) for the countdown task: a character-level tokenizer and a small Qwen2 model.
+"""The base model a(y|x) of a synthetic task: a character-level tokenizer and a small Qwen2 model.
 
 Everything downstream (GRPO, the filtered objective, pass@k) measures on this model, so what matters
 is that it has a *real validity spread*: sampled at temperature 1 on held-out prompts, most prompts
 are solved some of the time (not never, not always) and in several different ways. The pretraining
-corpus is built for that: each completion is, with probability `valid_fraction`, a valid answer drawn
-uniformly from all answers of the prompt (`enumerate_solutions`), and otherwise a random well-formed
-expression over the prompt's numbers. The model learns the format fully and the arithmetic partly,
-and how well depends on the prompt.
+corpus is built for that, by the task (`filtered_rl.synthetic.tasks`): each completion is, with
+probability `valid_fraction`, a valid answer drawn as the task chooses, and otherwise a near-miss in
+the answer format. The model learns the format fully and the task partly, and how well depends on
+the prompt. Any registered task works: `filtered-rl pretrain --task NAME` (default: countdown).
 
 The saved directory is a plain Hugging Face one (model, tokenizer with a ChatML chat template,
 generation config): `AutoModelForCausalLM.from_pretrained(path)`, `AutoTokenizer.from_pretrained(path)`
-and TRL's `GRPOTrainer(model=str(path))` load it with no project code.
+and TRL's `GRPOTrainer(model=str(path))` load it with no project code. It also holds
+`filtered_rl_model.json` (`MODEL_MARKER`), which says the directory is ours: pretraining replaces an
+existing directory only when it holds that marker and nothing but the files the marker lists, and
+otherwise refuses rather than delete what it did not write.
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import math
 import os
 import random
 import shutil
+import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filtered_rl.synthetic import countdown
+from filtered_rl.synthetic.tasks import DEFAULT_TASK, SyntheticTask, get_task, task_names
 
 PAD_TOKEN = "<|endoftext|>"
 EOS_TOKEN = "<|im_end|>"
@@ -40,7 +44,7 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-MAX_NEW_TOKENS = 32  # longest 4-number answer is ~20 characters
+MAX_NEW_TOKENS = 32  # the default task's longest completion; each task sets its own (max_completion_length)
 
 # Architectures (parameter counts with tied embeddings). nano is sized for CPU pretraining: at a fixed
 # CPU budget, a narrow model taking more optimizer steps learned the task better than a wider one.
@@ -63,30 +67,40 @@ SIZES: dict[str, dict[str, int]] = {
 
 
 CACHE_FORMAT_VERSION = 1  # bump when the corpus or model-building code changes what a config produces
+MODEL_MARKER = "filtered_rl_model.json"  # in every model directory this module writes (see `_install`)
 
 
 @dataclass(frozen=True)
 class PretrainConfig:
     """Everything that determines a pretrained base model (and hence its cache key)."""
 
-    size: str = "nano"
-    seed: int = 0
-    steps: int = 1200
-    batch_size: int = 64
-    learning_rate: float = 5e-3
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    # Share of corpus completions that are valid answers. Measured on nano at this budget: 0.5 left
-    # held-out validity near the format-only floor (~5 %); 0.8-0.9 spread it over 5-35 %.
-    valid_fraction: float = 0.9
-    corpus_prompts: int = 500  # train-split prompts the corpus is drawn from
-    task: dict[str, int] = field(
-        default_factory=lambda: {
-            "num_numbers": countdown.NUM_NUMBERS,
-            "max_number": countdown.MAX_NUMBER,
-            "max_target": countdown.MAX_TARGET,
-            "min_solutions": countdown.MIN_SOLUTIONS,
-        }
+    size: str = field(default="nano", metadata={"help": f"model size: one of {sorted(SIZES)}"})
+    seed: int = field(default=0, metadata={"help": "seed of the weights, the corpus prompts and their order"})
+    steps: int = field(default=1200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=64, metadata={"help": "(prompt, completion) pairs per step"})
+    learning_rate: float = field(default=5e-3, metadata={"help": "peak AdamW learning rate"})
+    warmup_steps: int = field(
+        default=50, metadata={"help": "linear warm-up steps, then cosine decay to 10 %"}
+    )
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay"})
+    valid_fraction: float = field(
+        default=0.9,
+        metadata={
+            "help": "share of corpus completions that are valid answers, the rest near-misses. Measured "
+            "on countdown/nano at this budget: 0.5 left held-out validity near the format-only floor "
+            "(~5 %); 0.8-0.9 spread it over 5-35 %"
+        },
+    )
+    corpus_prompts: int = field(
+        default=500, metadata={"help": "train-split prompts the corpus is drawn from"}
+    )
+    task: str = field(
+        default=DEFAULT_TASK,
+        metadata={"help": "synthetic task (a name in filtered_rl.synthetic.tasks.TASKS)"},
+    )
+    task_options: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "the task's difficulty knobs (None: its default_options; given ones update those)"},
     )
 
     def __post_init__(self) -> None:
@@ -97,20 +111,47 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.valid_fraction <= 1.0:
             raise ValueError(f"valid_fraction must be in [0, 1], got {self.valid_fraction}")
+        if not isinstance(self.task, str):
+            raise ValueError(
+                f"task is a task name (one of {', '.join(task_names())}), got {self.task!r}; "
+                "the task's difficulty knobs go in task_options"
+            )
+        # Resolved here so that the cache key records every knob, defaulted or not.
+        object.__setattr__(self, "task_options", self.task_spec().resolve_options(self.task_options))
 
-    def cache_key(self) -> str:
-        # The key covers what shapes the weights beyond this config too: the prompt format and the
-        # tokenizer's alphabet, so that a cached model never outlives a change of either.
+    def task_spec(self) -> SyntheticTask:
+        """The registered task this model is pretrained on."""
+        return get_task(self.task)
+
+    def _key_hash(self) -> str:
+        # The key covers what shapes the weights beyond this config too: the task's format
+        # (`SyntheticTask.fingerprint`) and the tokenizer's alphabet, so that a cached model never
+        # outlives a change of either. The task options sit under "task" and the default task's
+        # fingerprint has no name: the layout of keys from before tasks had names, kept so that those
+        # cached models are still found (see `legacy_cache_keys`).
+        fields = asdict(self)
+        fields["task"] = fields.pop("task_options")
         blob = json.dumps(
             {
-                "config": asdict(self),
+                "config": fields,
                 "format_version": CACHE_FORMAT_VERSION,
-                "prompt_example": countdown.format_prompt([4, 3, 2, 1], 10),
                 "vocab_size": len(build_tokenizer()),
+                **self.task_spec().fingerprint(),
             },
             sort_keys=True,
         )
-        return f"{self.size}-seed{self.seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+    def cache_key(self) -> str:
+        """Name of this model's cache directory: ``<task>-<size>-seed<seed>-<hash of everything>``."""
+        return f"{self.task}-{self.size}-seed{self.seed}-{self._key_hash()}"
+
+    def legacy_cache_keys(self) -> list[str]:
+        """Older names of the same model's cache directory, still used when found.
+
+        Before tasks had names, every cached model was the default task's, under ``<size>-seed<seed>-<hash>``
+        with the same hash."""
+        return [f"{self.size}-seed{self.seed}-{self._key_hash()}"] if self.task == DEFAULT_TASK else []
 
 
 # Per-size defaults that differ from the dataclass defaults (a GPU affords a longer run).
@@ -121,20 +162,34 @@ SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def make_config(
-    size: str = "nano", seed: int = 0, steps: int | None = None, **overrides: Any
+    size: str = "nano",
+    seed: int = 0,
+    steps: int | None = None,
+    *,
+    task: str = DEFAULT_TASK,
+    **overrides: Any,
 ) -> PretrainConfig:
-    """A `PretrainConfig` for `size` with that size's defaults, then `steps`/`overrides` on top."""
+    """A `PretrainConfig` for `task` and `size`: the size's defaults, then the task's
+    (`SyntheticTask.pretrain_defaults`), then `steps`/`overrides` on top."""
     if size not in SIZES:
         raise ValueError(f"size={size!r} is not a known model size; choose one of {sorted(SIZES)}")
-    known = set(PretrainConfig.__dataclass_fields__) - {"size", "seed", "steps"}
+    known = set(PretrainConfig.__dataclass_fields__) - {"size", "seed", "steps", "task"}
     if set(overrides) - known:
         raise ValueError(
             f"unknown pretraining option(s) {sorted(set(overrides) - known)}; known: {sorted(known)}"
         )
-    values: dict[str, Any] = {**SIZE_DEFAULTS[size], **overrides, "size": size, "seed": seed}
+    spec = get_task(task)
+    values: dict[str, Any] = {
+        **SIZE_DEFAULTS[size],
+        **spec.pretrain_defaults,
+        **overrides,
+        "size": size,
+        "seed": seed,
+        "task": spec.name,
+    }
     if steps is not None:
         values["steps"] = steps
-    return replace(PretrainConfig(), **values)
+    return PretrainConfig(**values)
 
 
 # --- Tokenizer ---------------------------------------------------------------------------------------
@@ -216,21 +271,28 @@ def count_parameters(model: Any) -> int:
 
 
 class Corpus:
-    """Infinite stream of (prompt, completion) pairs over the train split, as described in the module doc."""
+    """Infinite stream of (prompt, completion) pairs over the task's train split.
+
+    Each draw takes a train prompt uniformly, then asks the task for a valid completion with
+    probability `valid_fraction` and for a near-miss otherwise (`SyntheticTask.corpus_completion`).
+    Deterministic under the config's seed.
+    """
 
     def __init__(self, config: PretrainConfig):
-        data = countdown.make_countdown_dataset(
-            config.corpus_prompts, 0, seed=config.seed, with_solutions=True, **config.task
+        self.task = config.task_spec()
+        data = self.task.make_dataset(
+            config.corpus_prompts, 0, seed=config.seed, with_solutions=True, **config.task_options
         )["train"]
-        self.rows = [(row["prompt"], row["numbers"], row["solutions"]) for row in data]
+        self.rows = data.to_list()
+        if not self.rows:
+            raise ValueError(f"the {self.task.name} task gave no train prompts for the corpus")
         self.valid_fraction = config.valid_fraction
         self.rng = random.Random(f"corpus:{config.seed}")
 
     def sample(self) -> tuple[str, str]:
-        prompt, numbers, solutions = self.rng.choice(self.rows)
-        if self.rng.random() < self.valid_fraction:
-            return prompt, self.rng.choice(solutions)
-        return prompt, countdown.random_expression(numbers, self.rng)
+        row = self.rng.choice(self.rows)
+        valid = self.rng.random() < self.valid_fraction
+        return row["prompt"], self.task.corpus_completion(row, self.rng, valid)
 
 
 def _batch(pairs: list[tuple[str, str]], tokenizer: Any) -> dict[str, Any]:
@@ -261,22 +323,29 @@ def pretrain_base_model(
     size: str = "nano",
     seed: int = 0,
     steps: int | None = None,
+    task: str = DEFAULT_TASK,
     progress: bool = True,
     threads: int | None = 1,
     device: str | None = None,
     **overrides: Any,
 ) -> Path:
-    """Pretrain a base model on the countdown corpus and save it to `output_dir`; returns the path.
+    """Pretrain a base model on `task`'s corpus and save it to `output_dir`; returns the path.
 
     `overrides` are `PretrainConfig` fields (batch_size, learning_rate, valid_fraction, corpus_prompts,
-    task, ...). Deterministic on CPU: the same config gives the same weights. `threads` (torch CPU
-    threads while pretraining, restored afterwards; None: leave as is) defaults to 1 because nano's
+    task_options, ...). Deterministic on CPU: the same config gives the same weights. `threads` (torch
+    CPU threads while pretraining, restored afterwards; None: leave as is) defaults to 1 because nano's
     matrices are too small to gain from more, and on a busy machine extra threads slowed it several-fold.
-    `device`: default CUDA when available. The directory is written elsewhere first and moved into
-    place, so a killed run leaves no half model.
+    `device`: default CUDA when available.
+
+    `output_dir` must be new, empty, or a model directory written here before (it holds
+    `MODEL_MARKER` and only the files that marker lists); anything else raises `OutputDirError`
+    before any work, and nothing is deleted. The model is built in a temporary sibling directory and
+    renamed into place, so a killed run leaves no half model and a replaced model is never half gone.
     """
-    config = make_config(size, seed, steps, **overrides)
-    return _pretrain(config, Path(output_dir), progress=progress, threads=threads, device=device)
+    config = make_config(size, seed, steps, task=task, **overrides)
+    output_dir = Path(output_dir)
+    check_output_dir(output_dir)  # before minutes of pretraining, not after
+    return _pretrain(config, output_dir, progress=progress, threads=threads, device=device)
 
 
 def _pretrain(
@@ -300,9 +369,11 @@ def _pretrain(
 
 def _pretrain_loop(config: PretrainConfig, output_dir: Path, *, progress: bool, device: str | None) -> Path:
     import torch
-    from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
+    from filtered_rl.synthetic.console import progress_bar, quiet_libraries
+
+    quiet_libraries()
     started = time.time()
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = build_tokenizer()
@@ -320,17 +391,32 @@ def _pretrain_loop(config: PretrainConfig, output_dir: Path, *, progress: bool, 
 
     model.train()
     losses: list[float] = []
-    bar = tqdm(range(config.steps), desc=f"pretrain {config.size}", disable=not progress, mininterval=1.0)
-    for _ in bar:
-        batch = _batch([corpus.sample() for _ in range(config.batch_size)], tokenizer)
-        loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.3f}")
+    log: list[dict[str, Any]] = []
+    bar = progress_bar(
+        total=config.steps, desc=f"pretrain {config.task}/{config.size}", unit="step", disable=not progress
+    )
+    with bar:
+        for step in range(config.steps):
+            batch = _batch([corpus.sample() for _ in range(config.batch_size)], tokenizer)
+            loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            recent = sum(losses[-20:]) / len(losses[-20:])
+            if step % 10 == 0 or step == config.steps - 1:
+                log.append(
+                    {
+                        "step": step + 1,
+                        "loss": losses[-1],
+                        "mean_loss_20": recent,
+                        "lr": scheduler.get_last_lr()[0],
+                    }
+                )
+            bar.set_postfix(loss=f"{recent:.3f}", refresh=False)
+            bar.update(1)
     model.eval()
 
     model.generation_config = GenerationConfig(
@@ -340,29 +426,142 @@ def _pretrain_loop(config: PretrainConfig, output_dir: Path, *, progress: bool, 
         temperature=1.0,
         top_k=0,
         top_p=1.0,
-        max_new_tokens=MAX_NEW_TOKENS,
+        max_new_tokens=config.task_spec().max_completion_length,
     )
     info = {
         "config": asdict(config),
+        "cache_key": config.cache_key(),
         "parameters": count_parameters(model),
         "initial_loss": losses[0],
         "final_loss": sum(losses[-20:]) / len(losses[-20:]),
         "seconds": round(time.time() - started, 1),
         "torch_threads": torch.get_num_threads(),
     }
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
-    staging.chmod(0o755)  # mkdtemp makes it private; the model directory is an ordinary one
-    try:
+
+    def write(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / "pretrain_info.json").write_text(json.dumps(info, indent=2) + "\n")
+        (staging / "pretrain_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+
+    return _install(output_dir, write, {"task": config.task, "cache_key": config.cache_key()})
+
+
+# --- Writing model directories safely -------------------------------------------------------------------
+
+
+class OutputDirError(ValueError):
+    """The output directory holds something that is not a model of ours; nothing was deleted."""
+
+
+# What a model directory written before MODEL_MARKER existed holds (save_pretrained, the tokenizer,
+# pretrain_info.json): such a directory, with nothing else in it, may be replaced too.
+_LEGACY_MODEL_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "pretrain_info.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "added_tokens.json",
+        "chat_template.jinja",
+        "vocab.json",
+        "merges.txt",
+    }
+)
+
+
+def check_output_dir(path: str | os.PathLike) -> None:
+    """Raise `OutputDirError` unless writing a model to `path` replaces nothing but a model of ours.
+
+    Allowed: a path that does not exist, an empty directory, or a directory holding `MODEL_MARKER`
+    (or, from before the marker, ``pretrain_info.json``) and no file besides the ones our model
+    directories hold. Refused: anything else, and the current directory or one of its parents (a
+    model directory is always a directory of its own).
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    here = Path.cwd().resolve()
+    if resolved == here or resolved in here.parents:
+        raise OutputDirError(
+            f"output directory {str(path)!r} is the current directory or one of its parents; "
+            "a model needs a directory of its own, e.g. a new subdirectory such as models/my-model"
+        )
+    if not resolved.exists():
+        return
+    if not resolved.is_dir():
+        raise OutputDirError(
+            f"output directory {str(path)!r} exists and is not a directory; choose another path"
+        )
+    entries = sorted(p.name for p in resolved.iterdir())
+    if not entries:
+        return
+    ours = _our_files(resolved)
+    foreign = [name for name in entries if ours is None or name not in ours]
+    if foreign:
+        shown = ", ".join(repr(name) for name in foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+        what = (
+            "is not a filtered-rl model directory" if ours is None else "holds files that are not the model's"
+        )
+        raise OutputDirError(
+            f"output directory {str(path)!r} exists and {what} ({shown}); refusing to replace it, so "
+            f"nothing was deleted. Choose a new or empty directory, e.g. {str(path / 'model')!r}"
+        )
+
+
+def _our_files(directory: Path) -> set[str] | None:
+    """The names a model directory of ours may hold, or None if `directory` is not one."""
+    marker = directory / MODEL_MARKER
+    if marker.is_file():
+        try:
+            files = json.loads(marker.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if not isinstance(files, list) or not all(isinstance(f, str) for f in files):
+            return None
+        return {*files, MODEL_MARKER}
+    if (directory / "pretrain_info.json").is_file():
+        return set(_LEGACY_MODEL_FILES)
+    return None
+
+
+def _install(output_dir: Path, write: Any, about: dict[str, Any]) -> Path:
+    """Write a model directory with `write(staging)` and move it to `output_dir`.
+
+    The staging directory is a sibling (same file system: the renames are atomic). An existing
+    `output_dir` is checked again now (`check_output_dir`), renamed aside, replaced by the new one and
+    only then deleted: at every moment `output_dir` holds a whole model (bar the instant between the
+    two renames), and a failure leaves the old one in place.
+    """
+    check_output_dir(output_dir)
+    given, output_dir = output_dir, output_dir.resolve()  # through a symlink: replace its target
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the model directory is an ordinary one
+    old: Path | None = None
+    try:
+        write(staging)
+        files = sorted(p.name for p in staging.iterdir())
+        marker = {"format": "filtered-rl model directory", "version": 1, **about, "files": files}
+        (staging / MODEL_MARKER).write_text(json.dumps(marker, indent=2) + "\n")
         if output_dir.exists():
-            shutil.rmtree(output_dir)
+            if not any(output_dir.iterdir()):
+                output_dir.rmdir()  # empty: nothing to keep
+            else:
+                old = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
+                os.replace(output_dir, old / "model")
         os.replace(staging, output_dir)
+    except BaseException:
+        if old is not None and (old / "model").exists() and not output_dir.exists():
+            os.replace(old / "model", output_dir)  # put the previous model back
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return output_dir
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)  # the previous model of ours, checked above
+    return given
 
 
 def default_cache_dir() -> Path:
@@ -375,27 +574,37 @@ def load_or_pretrain(
     seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     *,
+    task: str = DEFAULT_TASK,
     progress: bool = True,
     threads: int | None = 1,
     device: str | None = None,
     **overrides: Any,
 ) -> Path:
-    """Directory of the pretrained model for this config, pretraining it first if it is not cached.
+    """Directory of the pretrained model of `task` for this config, pretraining it first if not cached.
 
-    The cache key covers every `PretrainConfig` field, so changing any option gives a new model
-    (`threads`/`device` are not part of it). Concurrent callers (parallel test sessions) wait on a
-    lock instead of pretraining twice.
+    The cache key (`PretrainConfig.cache_key`) covers the task and every `PretrainConfig` field, so
+    changing any option gives a new model (`threads`/`device` are not part of it). A directory under
+    an older name of the same key is used when found. Concurrent callers (parallel test sessions)
+    wait on a lock instead of pretraining twice.
     """
-    config = make_config(size, seed, overrides.pop("steps", None), **overrides)
+    config = make_config(size, seed, overrides.pop("steps", None), task=task, **overrides)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / config.cache_key()
-    if (target / "config.json").exists():
-        return target
+    found = _cached(root, config)
+    if found is not None:
+        return found
     root.mkdir(parents=True, exist_ok=True)
     with _file_lock(root / f".{config.cache_key()}.lock"):
-        if not (target / "config.json").exists():
+        if _cached(root, config) is None:
             _pretrain(config, target, progress=progress, threads=threads, device=device)
-    return target
+    return _cached(root, config) or target
+
+
+def _cached(root: Path, config: PretrainConfig) -> Path | None:
+    for key in (config.cache_key(), *config.legacy_cache_keys()):
+        if (root / key / "config.json").exists():
+            return root / key
+    return None
 
 
 @contextlib.contextmanager
@@ -417,26 +626,36 @@ def _file_lock(path: Path):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task",
+        default=DEFAULT_TASK,
+        choices=task_names(),
+        help=f"synthetic task whose base model to pretrain (default: {DEFAULT_TASK})",
+    )
     parser.add_argument("--size", default="nano", choices=sorted(SIZES), help="model size (default: nano)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: per size)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimizer steps (default: per size and task)"
+    )
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--learning-rate", type=float, default=None)
     parser.add_argument(
         "--valid-fraction",
         type=float,
         default=None,
-        help="share of corpus completions that are valid answers (default 0.9)",
+        help="share of corpus completions that are valid answers (default: the task's, else 0.9)",
     )
     parser.add_argument(
         "--output-dir",
         default=None,
-        help="where to save the model (default: the cache, $FILTERED_RL_CACHE or .cache/filtered-rl)",
+        help="where to save the model: a new or empty directory, or a model directory written by this "
+        "command before, which is replaced (default: the cache, $FILTERED_RL_CACHE or .cache/filtered-rl)",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads while pretraining (default: 1)"
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -449,20 +668,24 @@ def run(args: argparse.Namespace) -> int:
         )
         if value is not None
     }
+    options = dict(
+        size=args.size,
+        seed=args.seed,
+        steps=args.steps,
+        task=args.task,
+        progress=not getattr(args, "no_progress", False),
+        threads=args.threads,
+        device=args.device,
+        **overrides,
+    )
     if args.output_dir:
-        path = pretrain_base_model(
-            args.output_dir,
-            size=args.size,
-            seed=args.seed,
-            steps=args.steps,
-            threads=args.threads,
-            device=args.device,
-            **overrides,
-        )
+        try:
+            path = pretrain_base_model(args.output_dir, **options)
+        except OutputDirError as error:
+            print(f"filtered-rl pretrain: error: --output-dir: {error}", file=sys.stderr)
+            return 2
     else:
-        path = load_or_pretrain(
-            args.size, args.seed, steps=args.steps, threads=args.threads, device=args.device, **overrides
-        )
+        path = load_or_pretrain(**options)
     info_file = path / "pretrain_info.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     print(f"model: {path}")

@@ -8,7 +8,9 @@
    the filtered model's support, KL(p*‖π); print the table and write the pass@k and
    coverage–precision plots.
 
-Everything lands in `--output-dir` and is resumable (the frontier driver reuses finished runs).
+Everything lands in `--output-dir` and is resumable (the frontier driver reuses finished runs). The
+console shows one progress bar per phase and the numbers that matter; library logging and
+dependency warnings go to `<output-dir>/library.log` instead (`filtered_rl.synthetic.console`).
 """
 
 from __future__ import annotations
@@ -33,22 +35,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from filtered_rl.synthetic.base_model import load_or_pretrain
-    from filtered_rl.synthetic.report import format_report, validity_report
-    from filtered_rl.synthetic.countdown import make_countdown_dataset
-    from filtered_rl.synthetic.frontier import PRESETS, aggregate, format_table, run_frontier
+    from filtered_rl.synthetic.console import quiet_libraries
 
     torch.set_num_threads(args.threads)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    with quiet_libraries(output_dir / "library.log"):
+        return _run(args, output_dir)
 
+
+def _run(args: argparse.Namespace, output_dir: Path) -> int:
+    from filtered_rl.synthetic.base_model import load_or_pretrain
+    from filtered_rl.synthetic.frontier import PRESETS, aggregate, format_table, run_frontier
+    from filtered_rl.synthetic.report import format_report, validity_report
+    from filtered_rl.synthetic.tasks import get_task
+
+    task = get_task("countdown")
     started = time.time()
     print("[1] base model: nano, pretrained on the countdown train split (cached after the first run)")
-    model_dir = load_or_pretrain("nano", seed=0)
+    model_dir = load_or_pretrain("nano", seed=0, task=task.name)
     print(f"    {model_dir}  ({time.time() - started:.0f} s)")
     print(f"    sampling {args.num_samples} completions for each of {args.num_prompts} held-out prompts")
-    test = make_countdown_dataset(0, args.num_prompts, seed=args.seed)["test"]
-    report = validity_report(model_dir, test, num_samples=args.num_samples, seed=args.seed)
+    test = task.make_dataset(0, args.num_prompts, seed=args.seed)["test"]
+    report = validity_report(
+        model_dir, test, num_samples=args.num_samples, task=task, seed=args.seed, progress=True
+    )
     print(format_report(report, max_rows=12))
     (output_dir / "base_validity.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.skip_training:

@@ -1,7 +1,9 @@
-"""How valid and how diverse a model's samples are on countdown prompts (`filtered-rl sample`).
+"""How valid and how diverse a model's samples are on a synthetic task's prompts (`filtered-rl sample`).
 
 This is the base-model check the rest of the project relies on: GRPO should raise validity and
 shrink the set of distinct valid answers; the filtered objective should raise validity and keep it.
+Any registered task works (`--task NAME`, default countdown): prompts, verifier and answer keys come
+from `filtered_rl.synthetic.tasks`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from filtered_rl.synthetic.tasks import DEFAULT_TASK
 
 # Bins of per-prompt validity, [low, high); the last bin is exactly 100 %.
 VALIDITY_BINS: list[tuple[str, float, float]] = [
@@ -46,13 +50,16 @@ def sample_completions(
     max_new_tokens: int = 32,
     batch_size: int = 256,
     seed: int = 0,
+    progress: bool = False,
 ) -> list[list[str]]:
     """`num_samples` completions per prompt (ancestral sampling at `temperature`, no top-k/top-p).
 
     Prompts are left-padded and batched; each prompt's samples come back as decoded text with
-    special tokens removed, in order.
+    special tokens removed, in order. `progress`: one bar over the prompts.
     """
     import torch
+
+    from filtered_rl.synthetic.console import progress_bar
 
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for sampling, got {temperature}")
@@ -61,6 +68,7 @@ def sample_completions(
     prompts_per_batch = max(1, batch_size // num_samples)
     out: list[list[str]] = []
     model.eval()
+    bar = progress_bar(total=len(prompts), desc="sample", unit="prompt", disable=not progress)
     for start in range(0, len(prompts), prompts_per_batch):
         chunk = prompts[start : start + prompts_per_batch]
         enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
@@ -78,6 +86,8 @@ def sample_completions(
             )
         texts = tokenizer.batch_decode(generated[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         out += [texts[i * num_samples : (i + 1) * num_samples] for i in range(len(chunk))]
+        bar.update(len(chunk))
+    bar.close()
     return out
 
 
@@ -87,48 +97,58 @@ def validity_report(
     num_samples: int = 32,
     temperature: float = 1.0,
     *,
+    task: str | Any = DEFAULT_TASK,
     max_prompts: int | None = None,
     batch_size: int = 256,
     seed: int = 0,
     device: str | None = None,
+    progress: bool = False,
 ) -> dict[str, Any]:
-    """Sample `num_samples` completions per prompt of `dataset` and score them with the countdown verifier.
+    """Sample `num_samples` completions per prompt of `dataset` and score them with `task`'s verifier.
 
-    `dataset`: a `datasets.Dataset` (or list of dicts) with columns ``prompt``, ``numbers``, ``target``
-    (and ``prompt_id``). Returns ``{"overall_validity", "mean_distinct_valid", "fraction_in_5_70",
-    "histogram", "per_prompt": [{prompt_id, prompt, validity, num_valid, distinct_valid, valid_answers}]}``;
-    distinct answers are counted up to equivalence (`canonical_answer`).
+    `dataset`: a `datasets.Dataset` (or list of dicts) of the task's prompts, e.g.
+    ``get_task(task).make_dataset(0, 64)["test"]``. `task`: a registered task name or instance.
+    Returns ``{"overall_validity", "mean_distinct_valid", "fraction_in_5_70", "histogram",
+    "per_prompt": [{prompt_id, prompt, validity, num_valid, distinct_valid, valid_answers}]}``;
+    distinct answers are counted up to equivalence (the task's `answer_key`).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from filtered_rl.synthetic.countdown import canonical_answer, verify_answer
+    from filtered_rl.synthetic.console import quiet_libraries
+    from filtered_rl.synthetic.tasks import get_task
 
+    spec = get_task(task)
     rows = list(dataset)[:max_prompts] if max_prompts else list(dataset)
     if not rows:
         raise ValueError("validity_report: the dataset has no rows")
-    missing = {"prompt", "numbers", "target"} - set(rows[0])
+    verifier = spec.verifier()
+    needed = {"prompt", getattr(verifier, "gold_column", "prompt")}
+    missing = needed - set(rows[0])
     if missing:
         raise ValueError(
-            f"validity_report: dataset lacks column(s) {sorted(missing)}; "
-            f"use filtered_rl.synthetic.countdown.make_countdown_dataset"
+            f"validity_report: dataset lacks column(s) {sorted(missing)}; build it with "
+            f"filtered_rl.synthetic.tasks.get_task({spec.name!r}).make_dataset"
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
+    with quiet_libraries():  # no "Loading weights" bar or tied-weights notice in the report
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(device)
     samples = sample_completions(
         model,
         tokenizer,
         [r["prompt"] for r in rows],
         num_samples,
         temperature=temperature,
+        max_new_tokens=spec.max_completion_length,
         batch_size=batch_size,
         seed=seed,
+        progress=progress,
     )
     per_prompt = []
     for row, completions in zip(rows, samples):
-        valid = [c for c in completions if verify_answer(c, row["numbers"], row["target"])]
-        answers = sorted({canonical_answer(c, row["numbers"]) for c in valid})
+        valid = [c for c in completions if spec.is_valid(c, row)]
+        answers = sorted({key for key in (spec.answer_key(c, row) for c in valid) if key is not None})
         per_prompt.append(
             {
                 "prompt_id": row.get("prompt_id", row["prompt"]),
@@ -143,6 +163,7 @@ def validity_report(
     validities = [p["validity"] for p in per_prompt]
     return {
         "model_dir": str(model_dir),
+        "task": spec.name,
         "num_prompts": len(rows),
         "num_samples": num_samples,
         "temperature": temperature,
@@ -178,10 +199,15 @@ def format_report(report: dict[str, Any], max_rows: int = 20) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from filtered_rl.synthetic.tasks import task_names
+
+    parser.add_argument(
+        "--task", default=DEFAULT_TASK, choices=task_names(), help=f"synthetic task (default: {DEFAULT_TASK})"
+    )
     parser.add_argument(
         "--model-dir",
         default=None,
-        help="model directory (default: the cached nano base model, pretrained if absent)",
+        help="model directory (default: the task's cached nano base model, pretrained if absent)",
     )
     parser.add_argument("--size", default="nano", help="base model size when --model-dir is not given")
     parser.add_argument("--seed", type=int, default=0, help="base-model and dataset seed")
@@ -194,12 +220,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from filtered_rl.synthetic.base_model import load_or_pretrain
-    from filtered_rl.synthetic.countdown import make_countdown_dataset
+    from filtered_rl.synthetic.tasks import get_task
 
-    model_dir = args.model_dir or load_or_pretrain(args.size, args.seed)
-    test = make_countdown_dataset(0, args.num_prompts, seed=args.seed)["test"]
+    task = get_task(args.task)
+    model_dir = args.model_dir or load_or_pretrain(args.size, args.seed, task=task.name)
+    test = task.make_dataset(0, args.num_prompts, seed=args.seed)["test"]
     report = validity_report(
-        model_dir, test, num_samples=args.num_samples, temperature=args.temperature, seed=args.seed
+        model_dir,
+        test,
+        num_samples=args.num_samples,
+        temperature=args.temperature,
+        task=task,
+        seed=args.seed,
+        progress=True,
     )
     print(format_report(report, max_rows=args.rows))
     if args.json:
