@@ -19,6 +19,8 @@ _EXPORTS: dict[str, str] = {
     # trainers and the controller
     "FilteredGRPOConfig": "filtered_rl.trainers.filtered",
     "FilteredGRPOTrainer": "filtered_rl.trainers.filtered",
+    "GRPOKLRewardConfig": "filtered_rl.trainers.grpo_kl_reward",
+    "GRPOKLRewardTrainer": "filtered_rl.trainers.grpo_kl_reward",
     "PostScoringConfig": "filtered_rl.trainers._base",
     "PostScoringTrainer": "filtered_rl.trainers._base",
     "ScoredBatch": "filtered_rl.trainers._base",
@@ -43,6 +45,8 @@ __all__ = [
     "__version__",
     "FilteredGRPOConfig",
     "FilteredGRPOTrainer",
+    "GRPOKLRewardConfig",
+    "GRPOKLRewardTrainer",
     "PostScoringConfig",
     "PostScoringTrainer",
     "ScoredBatch",
@@ -74,4 +78,5 @@ if TYPE_CHECKING:
     from filtered_rl.trainers._base import PostScoringConfig, PostScoringTrainer, ScoredBatch, end_run
     from filtered_rl.trainers._registry import ALGORITHMS, register_algorithm
     from filtered_rl.trainers.filtered import FilteredGRPOConfig, FilteredGRPOTrainer
+    from filtered_rl.trainers.grpo_kl_reward import GRPOKLRewardConfig, GRPOKLRewardTrainer
     from filtered_rl.verifiers import BinaryVerifier, CodeVerifier, MathVerifier

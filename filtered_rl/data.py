@@ -73,6 +73,11 @@ def synthetic_task(name: Any) -> Any:
     return tasks[name] if name in tasks else None
 
 
+def default_dataset() -> str:
+    """The dataset used when none is named: the default synthetic task (needs no hub and no data files)."""
+    return importlib.import_module(SYNTHETIC_TASKS_MODULE).DEFAULT_TASK
+
+
 def verifier_names() -> tuple[str, ...]:
     """Names `make_verifier` accepts: the built-in verifiers and every synthetic task."""
     return BUILTIN_VERIFIERS + importlib.import_module(SYNTHETIC_TASKS_MODULE).TASKS.names()

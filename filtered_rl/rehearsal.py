@@ -218,12 +218,15 @@ def load_rehearsal(path: str | Path) -> RehearsalSet:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from filtered_rl.data import default_dataset, verifier_names
     from filtered_rl.evaluation.cli import DTYPES, _positive_int
 
     parser.add_argument(
         "--model", required=True, help="the base model a: directory, hub id, or filtered-rl:nano|small"
     )
-    parser.add_argument("--dataset", default="countdown", help="the training task (as `filtered-rl train`)")
+    parser.add_argument(
+        "--dataset", default=default_dataset(), help="the training task (as `filtered-rl train`)"
+    )
     parser.add_argument("--data-files", default=None, help="local file or directory instead of the hub")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
     parser.add_argument(
@@ -248,7 +251,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--system-prompt", default="auto", help="'auto', 'none', or the text")
     parser.add_argument("--prompt-column", default=None, help="prompt column of a custom dataset")
-    parser.add_argument("--verifier", default=None, choices=["math", "code", "countdown"])
+    parser.add_argument("--verifier", default=None, choices=verifier_names())
     parser.add_argument("--gold-column", default=None, help="column holding the gold answer")
     parser.add_argument(
         "--seed", type=int, default=0, help="sampling seed and countdown's prompt seed (the recipe's)"
@@ -339,7 +342,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `accelerate launch -m filtered_rl.rehearsal ...` (= `filtered-rl rehearsal-sample`)
+if (
+    __name__ == "__main__"
+):  # `accelerate launch -m filtered_rl.rehearsal ...` (= `filtered-rl rehearsal-sample`)
     _parser = argparse.ArgumentParser(
         prog="filtered-rl rehearsal-sample", description=__doc__.splitlines()[0]
     )

@@ -22,6 +22,13 @@ from typing import Any
 
 import yaml
 
+
+def _default_dataset() -> str:
+    from filtered_rl.data import default_dataset
+
+    return default_dataset()
+
+
 OWN_MODEL_PREFIX = "filtered-rl:"
 
 
@@ -34,8 +41,11 @@ class ScriptArguments:
         metadata={"help": "a registered algorithm (`filtered-rl train --list`): grpo, rloo, filtered, ..."},
     )
     dataset_name: str = field(
-        default="countdown",
-        metadata={"help": "countdown | gsm8k | math500 | humaneval | mbpp, or any hub/local dataset"},
+        default_factory=lambda: _default_dataset(),
+        metadata={
+            "help": "a synthetic task (countdown, subset_sum) | gsm8k | math500 | humaneval | mbpp, or any "
+            "hub/local dataset (default: the default synthetic task)"
+        },
     )
     data_files: str | None = field(
         default=None,
@@ -47,7 +57,9 @@ class ScriptArguments:
     dataset_train_split: str = field(default="train", metadata={"help": "split to train on"})
     max_train_prompts: int | None = field(default=None, metadata={"help": "keep the first N prompts"})
     prompt_column: str | None = field(default=None, metadata={"help": "prompt column of a custom dataset"})
-    verifier: str | None = field(default=None, metadata={"help": "math | code | countdown (custom datasets)"})
+    verifier: str | None = field(
+        default=None, metadata={"help": "math | code | a synthetic task's name (custom datasets)"}
+    )
     gold_column: str | None = field(default=None, metadata={"help": "column holding the gold answer/tests"})
     system_prompt: str | None = field(
         default="auto",
@@ -55,7 +67,7 @@ class ScriptArguments:
     )
     conversational: bool | None = field(
         default=None,
-        metadata={"help": "chat-formatted prompts (default: true for math/code, false for countdown)"},
+        metadata={"help": "chat-formatted prompts (default: true for math/code, false for synthetic tasks)"},
     )
     countdown_train_prompts: int = field(
         default=2000, metadata={"help": "generated countdown training prompts"}

@@ -49,3 +49,22 @@ def test_readme_import_line_works():
 
     assert FilteredGRPOTrainer is ALGORITHMS["filtered"].trainer_class
     assert FilteredGRPOConfig is ALGORITHMS["filtered"].config_class
+
+
+def test_the_product_never_imports_the_demo():
+    """Importing every product module (all but filtered_rl.synthetic) loads nothing of the synthetic demo."""
+    code = (
+        "import sys, importlib, pathlib, filtered_rl\n"
+        "root = pathlib.Path(filtered_rl.__file__).parent\n"
+        "files = [p.relative_to(root.parent).with_suffix('') for p in root.rglob('*.py')]\n"
+        "names = sorted('.'.join(f.parts[:-1] if f.name == '__init__' else f.parts) for f in files\n"
+        "               if 'synthetic' not in f.parts)\n"
+        "for name in names:\n"
+        "    importlib.import_module(name)\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('filtered_rl.synthetic'))\n"
+        "assert not loaded, loaded\n"
+        "print(len(names))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout) > 20  # the walk found the product's modules

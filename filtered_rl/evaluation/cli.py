@@ -47,12 +47,14 @@ _positive_int = _number(int, 1)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from filtered_rl.data import default_dataset, verifier_names
+
     parser.add_argument("--model", required=True, help="model directory or hub id (a Hugging Face causal LM)")
     parser.add_argument(
         "--dataset",
-        default="countdown",
-        help="countdown | gsm8k | math500 | humaneval | mbpp, or a hub name / data file with "
-        "--prompt-column and --verifier (default: countdown)",
+        default=default_dataset(),
+        help="a synthetic task (countdown, subset_sum) | gsm8k | math500 | humaneval | mbpp, or a hub name / "
+        f"data file with --prompt-column and --verifier (default: {default_dataset()})",
     )
     parser.add_argument(
         "--data-files",
@@ -96,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="conversational prompts through the tokenizer's chat template (default: on for "
-        "math/code tasks, off for countdown)",
+        "math/code tasks, off for synthetic tasks)",
     )
     parser.add_argument(
         "--system-prompt",
@@ -105,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--prompt-column", default=None, help="prompt column of a custom dataset")
     parser.add_argument(
-        "--verifier", default=None, choices=["math", "code", "countdown"], help="verifier of a custom dataset"
+        "--verifier", default=None, choices=verifier_names(), help="verifier of a custom dataset"
     )
     parser.add_argument(
         "--gold-column", default=None, help="column holding the gold answer (verifier default)"

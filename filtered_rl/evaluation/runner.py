@@ -22,6 +22,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,12 @@ SAMPLING_FIELDS = (
 )
 
 
+def _default_dataset() -> str:
+    from filtered_rl.data import default_dataset
+
+    return default_dataset()
+
+
 class EvalConfigError(ValueError):
     """A setting that cannot work, found before any model is loaded; the message names the flag.
 
@@ -69,7 +76,7 @@ def _flag(field: str) -> str:
 class EvalConfig:
     model: str
     output_dir: str
-    dataset: str = "countdown"
+    dataset: str = dataclass_field(default_factory=lambda: _default_dataset())  # the default synthetic task
     data_files: str | None = None
     split: str | None = None
     num_prompts: int | None = None

@@ -42,6 +42,8 @@ LIBRARY_WARNING_CATEGORIES = (FutureWarning, DeprecationWarning, PendingDeprecat
 DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
     "valid": ("filtered/validity", "validity", "reward"),
     "kl": ("kl", "filtered/kl"),
+    "ess": ("filtered/ess",),
+    "β": ("kl_control/beta",),
     "loss": ("loss",),
 }
 

@@ -161,6 +161,7 @@ def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset,
 
     from filtered_rl.callbacks import BetaFromValidityCallback
     from filtered_rl.data import load_task
+    from filtered_rl.synthetic.console import attach_console_progress
     from filtered_rl.trainers import ALGORITHMS
 
     final = output_dir / "final"
@@ -199,6 +200,10 @@ def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset,
     )
     if spec.target_validity is not None:
         BetaFromValidityCallback(target_validity=spec.target_validity).attach(trainer)
+    # One bar per run on the console, every logged dict in train_log.jsonl instead of on the screen.
+    attach_console_progress(
+        trainer, desc=f"{spec.name} (seed {seed})", log_file=output_dir / "train_log.jsonl"
+    )
     checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
