@@ -92,3 +92,21 @@ def test_model_path_reuses_base_scores_and_is_zero_kl_against_itself(tmp_path):
         fresh["summary"]["kl_pstar_policy_valid"], rel=1e-6
     )
     assert 0 < fresh["summary"]["validity"] < 1
+
+
+def test_exact_base_report_bounds_the_sampled_validity_from_below(nano_model_dir):
+    """countdown enumerates one spelling per answer, so exact validity is a lower bound of the sampled one
+    (which counts every spelling); the aggregate pass@k is the mean of 1 − (1 − A(x))^k."""
+    import numpy as np
+
+    from filtered_rl.synthetic.report import exact_base_report, validity_report
+    from filtered_rl.synthetic.tasks import get_task
+
+    test = get_task("countdown").make_dataset(0, 8, seed=0)["test"]
+    exact = exact_base_report(nano_model_dir, test, task="countdown", ks=(1, 64))
+    sampled = validity_report(nano_model_dir, test, num_samples=128, task="countdown", seed=0)
+    validities = np.array(exact["per_prompt_validity"])
+    assert len(validities) == 8 and 0 < exact["validity"] < 1
+    assert exact["validity"] <= sampled["overall_validity"] + 0.03
+    assert exact["pass_at_k"][64] == pytest.approx(np.mean(1 - (1 - validities) ** 64), rel=1e-6)
+    assert list(exact["validity_quantiles"].values()) == sorted(exact["validity_quantiles"].values())

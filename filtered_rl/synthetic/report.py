@@ -175,6 +175,55 @@ def validity_report(
     }
 
 
+def exact_base_report(
+    model_dir: str | Path, dataset: Any, *, task: str | Any = DEFAULT_TASK, ks: tuple[int, ...] = (1, 16, 256)
+) -> dict[str, Any]:
+    """The model's exact validity A(x), pass@k and coverage@k on each prompt, by teacher forcing over the
+    task's enumerated valid answers (`filtered_rl.evaluation.exact`, the model as its own base).
+
+    A task whose answers have several spellings (countdown) enumerates one per answer, so its exact
+    validity is a lower bound; compare with the sampled validity (`validity_report`) to see the gap.
+    """
+    import numpy as np
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from filtered_rl.evaluation.exact import exact_evaluation
+    from filtered_rl.synthetic.console import quiet_libraries
+    from filtered_rl.synthetic.tasks import get_task
+
+    spec = get_task(task)
+    rows = list(dataset)
+    answers = [spec.enumerate_valid(row) for row in rows]
+    if any(a is None for a in answers):
+        raise ValueError(f"task {spec.name!r} cannot enumerate its valid answers: no exact report")
+    with quiet_libraries():
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+    result = exact_evaluation(
+        model, model, tokenizer, [r["prompt"] for r in rows], [sorted(a) for a in answers], ks
+    )
+    validities = np.array([p["validity"] for p in result["per_prompt"]])
+    quantiles = (0.05, 0.25, 0.5, 0.75, 0.95)
+    return {
+        **result["summary"],
+        "validity_quantiles": dict(zip(map(str, quantiles), np.quantile(validities, quantiles).tolist())),
+        "prompts_below_1e-3": int((validities < 1e-3).sum()),
+        "per_prompt_validity": validities.tolist(),
+    }
+
+
+def format_exact(exact: dict[str, Any]) -> str:
+    """One paragraph: exact validity, its spread over prompts, pass@k and coverage@k."""
+    quantiles = " / ".join(f"{v:.2g}" for v in exact["validity_quantiles"].values())
+    passk = ", ".join(f"pass@{k} {v:.3f}" for k, v in exact["pass_at_k"].items())
+    coverage = ", ".join(f"coverage@{k} {v:.3f}" for k, v in exact["coverage_at_k"].items())
+    return (
+        f"exact (teacher forcing over {exact['num_valid']:.1f} enumerated valid answers a prompt): validity "
+        f"{exact['validity']:.4f}\n  A(x) quantiles 5/25/50/75/95 %: {quantiles}; "
+        f"{exact['prompts_below_1e-3']} of {exact['num_prompts']} prompts below 1e-3\n  {passk}\n  {coverage}"
+    )
+
+
 def format_report(report: dict[str, Any], max_rows: int = 20) -> str:
     """Human-readable table: per-prompt validity and distinct valid answers, then the histogram."""
     lines = [f"{'prompt':<28} {'valid':>7} {'distinct':>8}  examples"]
@@ -216,6 +265,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--rows", type=int, default=20, help="per-prompt rows to print")
     parser.add_argument("--json", default=None, help="also write the full report to this JSON file")
+    parser.add_argument(
+        "--exact",
+        action="store_true",
+        help="also the exact validity spread, pass@k and coverage@k by teacher forcing over the task's "
+        "enumerated valid answers (tasks that can enumerate them)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -235,6 +290,9 @@ def run(args: argparse.Namespace) -> int:
         progress=True,
     )
     print(format_report(report, max_rows=args.rows))
+    if args.exact:
+        report["exact"] = exact_base_report(model_dir, test, task=task, ks=(1, args.num_samples, 256))
+        print(format_exact(report["exact"]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
