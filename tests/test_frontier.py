@@ -64,3 +64,29 @@ def test_tiny_frontier_trains_evaluates_plots_and_resumes(nano_model_dir: Path, 
     again = run_frontier(preset, tmp_path, [0], threads=1, base_model=nano_model_dir)  # all reused
     assert json.loads(json.dumps(again)) == first
     assert sorted(p.stat().st_mtime for p in tmp_path.glob("train/*/final/config.json")) == finished
+
+
+def test_select_task_moves_the_preset_to_another_synthetic_task() -> None:
+    from filtered_rl.synthetic.frontier import PRESETS, select_task
+    from filtered_rl.synthetic.tasks import UnknownNameError, get_task
+
+    assert select_task(PRESETS["cpu"], None) is PRESETS["cpu"]
+    moved = select_task(PRESETS["cpu"], "subset_sum")
+    assert moved.task == "subset_sum" and moved.steps == PRESETS["cpu"].steps
+    assert moved.max_completion_length == get_task("subset_sum").max_completion_length > 24
+    with pytest.raises(UnknownNameError, match="subset_sum"):  # the miss lists the known tasks
+        select_task(PRESETS["cpu"], "sudoku")
+
+
+def test_tiny_frontier_on_the_second_task(tmp_path: Path) -> None:
+    """The frontier trains and evaluates on subset_sum's own (tiny) base model and prompts."""
+    from filtered_rl.synthetic.base_model import load_or_pretrain
+
+    base = load_or_pretrain("nano", seed=0, cache_dir=tmp_path / "base", task="subset_sum", progress=False,
+                            steps=4, batch_size=8, corpus_prompts=16, warmup_steps=1)  # fmt: skip
+    preset = Preset("nano", (FILTERED_FKL,), steps=1, train_prompts=8, num_generations=4, batch_size=4,
+                    learning_rate=1e-4, eval_prompts=2, eval_samples=4, task="subset_sum")  # fmt: skip
+    rows = run_frontier(preset, tmp_path / "out", [0], threads=1, base_model=base)
+    assert [r["run"] for r in rows] == ["base model", FILTERED_FKL.name]
+    summary = json.loads((tmp_path / "out" / "eval" / "base-seed0" / "summary.json").read_text())
+    assert summary["dataset"] == "subset_sum" and summary["coverage"] is not None  # enumerable: coverage

@@ -1,6 +1,6 @@
 """The real-LM frontier: GRPO + KL against the filtered objectives, on the project's own base model.
 
-Every run starts from the same pretrained countdown base model, trains for the same number of steps on
+Every run starts from the same pretrained base model of a synthetic task (countdown by default), trains for the same number of steps on
 the same prompts with the same seed, and is evaluated on held-out prompts: pass@k for k = 1 … n,
 distinct valid answers per prompt, coverage of p*'s support and KL(p*‖π). The figures are the pass@k
 curves and the coverage–precision plane (pass@1 against pass@n) with the base model marked.
@@ -8,6 +8,7 @@ curves and the coverage–precision plane (pass@1 against pass@n) with the base 
     filtered-rl frontier --preset cpu --output-dir runs/frontier     # minutes on 2 cores
     filtered-rl frontier --preset gpu --seeds 0 1 2                  # the `small` model on one GPU
     filtered-rl frontier --preset cpu --arms mara,passk,grpo-beta-0-04  # any arms (ARMS), the preset's sizes
+    filtered-rl frontier --preset cpu --task subset_sum                  # another synthetic task's base model
 
 Runs are resumable: a finished training run (its `final/` model) or evaluation (`summary.json`) is
 reused, a killed one restarts from its last checkpoint / last finished prompt batch.
@@ -55,6 +56,7 @@ class Preset:
     eval_prompts: int
     eval_samples: int
     max_completion_length: int = 24
+    task: str = "countdown"  # a registered synthetic task (filtered_rl.synthetic.tasks)
 
 
 GRPO_SMALL_BETA = RunSpec("grpo β=0.01", "grpo", {"beta": 0.01})
@@ -138,6 +140,16 @@ def select_arms(preset: Preset, arms: list[str] | None) -> Preset:
     return replace(preset, runs=tuple(ARMS[name] for name in dict.fromkeys(arms)))
 
 
+def select_task(preset: Preset, task: str | None) -> Preset:
+    """The preset on another synthetic task (None keeps its own), max_completion_length at least the task's."""
+    if task is None:
+        return preset
+    from filtered_rl.synthetic.tasks import get_task
+
+    length = max(preset.max_completion_length, get_task(task).max_completion_length)  # unknown: lists them
+    return replace(preset, task=task, max_completion_length=length)
+
+
 def prepare_rehearsal(
     spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset, seed: int
 ) -> RunSpec:
@@ -148,7 +160,7 @@ def prepare_rehearsal(
 
     folder = output_dir / "rehearsal" / f"seed{seed}-min{spec.rehearsal_min_correct or 8}"
     sample_rehearsal(
-        str(base_model), folder, num_samples=8, min_correct=spec.rehearsal_min_correct, dataset="countdown",
+        str(base_model), folder, num_samples=8, min_correct=spec.rehearsal_min_correct, dataset=preset.task,
         split="train", num_prompts=preset.train_prompts, max_new_tokens=preset.max_completion_length, seed=seed,
         progress=False,
     )  # fmt: skip
@@ -192,9 +204,7 @@ def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset,
         disable_tqdm=True,
         **spec.options,
     )
-    task = load_task(
-        "countdown", split="train", seed=seed, countdown_kwargs={"num_train": preset.train_prompts}
-    )
+    task = load_task(preset.task, split="train", seed=seed, task_options={"num_train": preset.train_prompts})
     trainer = trainer_class(
         model=str(base_model), reward_funcs=task.verifier, args=args, train_dataset=task.dataset
     )
@@ -215,7 +225,7 @@ def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset,
 
 
 def evaluate_model(model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> dict:
-    """pass@k, diversity, coverage and KL(p*‖π) on held-out countdown prompts (resumable)."""
+    """pass@k, diversity, coverage and KL(p*‖π) on the task's held-out prompts (resumable)."""
     from filtered_rl.evaluation.runner import SUMMARY_FILE, EvalConfig, run_eval
 
     if (output_dir / SUMMARY_FILE).exists():
@@ -223,7 +233,7 @@ def evaluate_model(model: Path, base_model: Path, output_dir: Path, preset: Pres
     config = EvalConfig(
         model=str(model),
         output_dir=str(output_dir),
-        dataset="countdown",
+        dataset=preset.task,
         split="test",
         num_prompts=preset.eval_prompts,
         num_samples=preset.eval_samples,
@@ -263,11 +273,13 @@ def run_frontier(
     threads: int | None = None,
     base_model: Path | None = None,
     arms: list[str] | None = None,
+    task: str | None = None,
 ) -> list[dict]:
     """Pretrain (cached) the base model, train every run for every seed, evaluate all; write results.
 
     `preset` is a name in PRESETS or a Preset; `base_model` overrides the preset's pretrained base; `arms`
-    (names in ARMS) replaces the preset's runs, keeping its sizes.
+    (names in ARMS) replaces the preset's runs, keeping its sizes; `task` (a registered synthetic task)
+    replaces the preset's task, with completions long enough for it.
     """
     import torch
 
@@ -275,9 +287,9 @@ def run_frontier(
 
     if threads:
         torch.set_num_threads(threads)
-    preset = select_arms(PRESETS[preset] if isinstance(preset, str) else preset, arms)
+    preset = select_task(select_arms(PRESETS[preset] if isinstance(preset, str) else preset, arms), task)
     output_dir.mkdir(parents=True, exist_ok=True)
-    base = base_model or load_or_pretrain(size=preset.base_size, seed=0)
+    base = base_model or load_or_pretrain(size=preset.base_size, seed=0, task=preset.task)
     rows = []
     for seed in seeds:
         summary = evaluate_model(base, base, output_dir / "eval" / f"base-seed{seed}", preset, seed)
@@ -423,6 +435,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="comma-separated arms to run instead of the preset's, at its sizes, e.g. mara,passk,grpo-beta-0-04 "
         f"(any of: {', '.join(ARMS)})",
     )
+    parser.add_argument(
+        "--task",
+        default=None,
+        help="synthetic task of the base model and prompts (default: the preset's, countdown)",
+    )
 
 
 def _arm_list(text: str) -> list[str]:
@@ -436,7 +453,12 @@ def _arm_list(text: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     rows = run_frontier(
-        args.preset, Path(args.output_dir), args.seeds, threads=args.threads, arms=getattr(args, "arms", None)
+        args.preset,
+        Path(args.output_dir),
+        args.seeds,
+        threads=args.threads,
+        arms=getattr(args, "arms", None),
+        task=getattr(args, "task", None),
     )
     print(format_table(aggregate(rows)))
     print(
