@@ -90,3 +90,14 @@ def test_tiny_frontier_on_the_second_task(tmp_path: Path) -> None:
     assert [r["run"] for r in rows] == ["base model", FILTERED_FKL.name]
     summary = json.loads((tmp_path / "out" / "eval" / "base-seed0" / "summary.json").read_text())
     assert summary["dataset"] == "subset_sum" and summary["coverage"] is not None  # enumerable: coverage
+    # exact metrics by teacher forcing on the same prompts: for the base model, the sampled validity is an
+    # unbiased estimate of the exact one (4 samples of 2 prompts: only a loose check is fair)
+    base_row = rows[0]
+    assert (
+        0.0 <= base_row["exact_validity"] <= 1.0 and base_row["exact_pass@256"] >= base_row["exact_validity"]
+    )
+    assert abs(base_row["exact_validity"] - base_row["validity"]) <= 0.5
+    assert base_row["exact_kl_valid"] == pytest.approx(
+        0.0, abs=1e-6
+    )  # the base model is its own p*'s proportions
+    assert (tmp_path / "out" / "eval" / "base-seed0" / "exact.json").exists()

@@ -57,6 +57,7 @@ class Preset:
     eval_samples: int
     max_completion_length: int = 24
     task: str = "countdown"  # a registered synthetic task (filtered_rl.synthetic.tasks)
+    exact: bool = True  # also exact metrics by teacher forcing, where the task enumerates its valid answers
 
 
 GRPO_SMALL_BETA = RunSpec("grpo β=0.01", "grpo", {"beta": 0.01})
@@ -107,7 +108,7 @@ _CPU = Preset(
 )
 PRESETS: dict[str, Preset] = {
     # The quickstart's comparison: collapse-prone GRPO against the forward-KL filtered objective.
-    "quick": replace(_CPU, runs=(GRPO_SMALL_BETA, FILTERED_FKL), eval_samples=32),
+    "quick": replace(_CPU, runs=(GRPO_SMALL_BETA, FILTERED_FKL), eval_samples=32, exact=False),
     "cpu": _CPU,
     # Four times the budget for the moderate-β GRPO runs and two filtered ones: where do they go with training?
     "cpu-long": replace(_CPU, runs=(GRPO_BETA_004, GRPO_BETA_02, GRPO_MU_08, FILTERED_FKL, FILTERED_ALPHA[0.5]),
@@ -226,11 +227,20 @@ def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset,
 
 def evaluate_model(model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> dict:
     """pass@k, diversity, coverage and KL(p*‖π) on the task's held-out prompts (resumable)."""
-    from filtered_rl.evaluation.runner import SUMMARY_FILE, EvalConfig, run_eval
+    from filtered_rl.evaluation.runner import SUMMARY_FILE, run_eval
 
     if (output_dir / SUMMARY_FILE).exists():
-        return json.loads((output_dir / SUMMARY_FILE).read_text())
-    config = EvalConfig(
+        summary = json.loads((output_dir / SUMMARY_FILE).read_text())
+    else:
+        summary = run_eval(_eval_config(model, base_model, output_dir, preset, seed))
+    exact = exact_metrics(model, base_model, output_dir, preset)
+    return {**summary, "exact": exact} if exact is not None else summary
+
+
+def _eval_config(model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> Any:
+    from filtered_rl.evaluation.runner import EvalConfig
+
+    return EvalConfig(
         model=str(model),
         output_dir=str(output_dir),
         dataset=preset.task,
@@ -243,7 +253,41 @@ def evaluate_model(model: Path, base_model: Path, output_dir: Path, preset: Pres
         base_model=str(base_model),
         progress=False,
     )
-    return run_eval(config)
+
+
+EXACT_FILE = "exact.json"
+
+
+def exact_metrics(model: Path, base_model: Path, output_dir: Path, preset: Preset) -> dict | None:
+    """Exact validity, pass@k (k = 1, eval_samples, 256), coverage@k and KL(p* ‖ π(·|valid)) on the same
+    held-out prompts, by teacher forcing over the task's enumerated valid answers (None when the task cannot
+    enumerate them). For a task with several spellings per answer (countdown) these are lower bounds of the
+    validity and pass@k; subset_sum has one spelling, so they are exact. Saved (atomically) as exact.json."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from filtered_rl.data import load_task
+    from filtered_rl.evaluation.exact import exact_evaluation
+    from filtered_rl.evaluation.outputs import atomic_write_text
+
+    path = output_dir / EXACT_FILE
+    if not preset.exact:
+        return None
+    if path.exists():
+        return json.loads(path.read_text())
+    task = load_task(preset.task, split="test", limit=preset.eval_prompts)
+    rows = task.dataset.to_list()
+    answers = [task.valid_answers(row) for row in rows]
+    if not rows or any(a is None for a in answers):
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    policy = AutoModelForCausalLM.from_pretrained(model)
+    base = policy if Path(model) == Path(base_model) else AutoModelForCausalLM.from_pretrained(base_model)
+    ks = sorted({1, preset.eval_samples, 256})
+    result = exact_evaluation(
+        policy, base, tokenizer, [r["prompt"] for r in rows], [sorted(a) for a in answers], ks
+    )
+    atomic_write_text(path, json.dumps(result["summary"], indent=1))
+    return json.loads(path.read_text())  # keys as JSON writes them (k as strings), also on the first call
 
 
 def row_from_summary(name: str, seed: int, summary: dict, minutes: float | None = None) -> dict:
@@ -261,7 +305,20 @@ def row_from_summary(name: str, seed: int, summary: dict, minutes: float | None 
         "support_hit": coverage.get("fraction_of_valid_answers_hit"),
         "pstar_mass_hit": coverage.get("pstar_mass_hit"),
         "kl_pstar_policy": kl.get("mean") if isinstance(kl, dict) else kl,
+        **_exact_columns(summary.get("exact")),
         "train_minutes": minutes,
+    }
+
+
+def _exact_columns(exact: dict | None) -> dict:
+    """The exact metrics a row reports: validity, pass@256, coverage@256, KL(p* ‖ π(·|valid))."""
+    if not exact:
+        return {}
+    return {
+        "exact_validity": exact["validity"],
+        "exact_pass@256": exact["pass_at_k"].get("256"),
+        "exact_coverage@256": exact["coverage_at_k"].get("256"),
+        "exact_kl_valid": exact["kl_pstar_policy_valid"],
     }
 
 
