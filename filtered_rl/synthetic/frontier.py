@@ -268,6 +268,7 @@ def exact_metrics(model: Path, base_model: Path, output_dir: Path, preset: Prese
     from filtered_rl.data import load_task
     from filtered_rl.evaluation.exact import exact_evaluation
     from filtered_rl.evaluation.outputs import atomic_write_text
+    from filtered_rl.synthetic.console import quiet_libraries
 
     path = output_dir / EXACT_FILE
     if not preset.exact:
@@ -279,9 +280,10 @@ def exact_metrics(model: Path, base_model: Path, output_dir: Path, preset: Prese
     answers = [task.valid_answers(row) for row in rows]
     if not rows or any(a is None for a in answers):
         return None
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    policy = AutoModelForCausalLM.from_pretrained(model)
-    base = policy if Path(model) == Path(base_model) else AutoModelForCausalLM.from_pretrained(base_model)
+    with quiet_libraries():  # no "Loading weights" bars
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        policy = AutoModelForCausalLM.from_pretrained(model)
+        base = policy if Path(model) == Path(base_model) else AutoModelForCausalLM.from_pretrained(base_model)
     ks = sorted({1, preset.eval_samples, 256})
     result = exact_evaluation(
         policy, base, tokenizer, [r["prompt"] for r in rows], [sorted(a) for a in answers], ks
