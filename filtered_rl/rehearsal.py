@@ -108,25 +108,14 @@ def build_rehearsal_set(config: Any, min_correct: int) -> dict | None:
     from transformers import AutoTokenizer
 
     from filtered_rl.control import prompt_key
-    from filtered_rl.data import load_task, render_prompt
+    from filtered_rl.data import render_prompt
     from filtered_rl.evaluation.generate import eos_token_ids
     from filtered_rl.evaluation.outputs import atomic_write_text, read_jsonl
-    from filtered_rl.evaluation.runner import SAMPLES_FILE, _load_model
+    from filtered_rl.evaluation.runner import SAMPLES_FILE, _load_model, load_config_task
 
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(config.output_dir)
-    task = load_task(
-        config.dataset,
-        data_files=config.data_files,
-        split=config.split,
-        limit=config.num_prompts,
-        conversational=config.chat_template,
-        system_prompt=config.system_prompt,
-        prompt_column=config.prompt_column,
-        verifier=config.verifier,
-        gold_column=config.gold_column,
-        seed=config.seed,
-    )
+    task = load_config_task(config)
     rows = {row["prompt_id"]: row for row in task.dataset.to_list()}
     records = [
         r

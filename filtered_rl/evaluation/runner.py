@@ -61,6 +61,26 @@ def _default_dataset() -> str:
     return default_dataset()
 
 
+def load_config_task(config: Any) -> Any:
+    """The task (prompts + verifier) an `EvalConfig`-like config names: its dataset, split, first
+    `num_prompts` prompts, prompt format and verifier; synthetic prompts are generated from its seed.
+    Shared by the eval runner, the rehearsal sampler and the frontier's exact evaluation."""
+    from filtered_rl.data import load_task
+
+    return load_task(
+        config.dataset,
+        data_files=config.data_files,
+        split=config.split,
+        limit=config.num_prompts,
+        conversational=config.chat_template,
+        system_prompt=config.system_prompt,
+        prompt_column=config.prompt_column,
+        verifier=config.verifier,
+        gold_column=config.gold_column,
+        seed=config.seed,
+    )
+
+
 class EvalConfigError(ValueError):
     """A setting that cannot work, found before any model is loaded; the message names the flag.
 
@@ -253,23 +273,12 @@ def run_eval(config: EvalConfig, *, sampler: Any = None) -> dict | None:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from filtered_rl.data import load_task, render_prompt
+    from filtered_rl.data import render_prompt
     from filtered_rl.evaluation.generate import HFSampler, VLLMSampler, sequence_logprobs
 
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(config.output_dir)
-    task = load_task(
-        config.dataset,
-        data_files=config.data_files,
-        split=config.split,
-        limit=config.num_prompts,
-        conversational=config.chat_template,
-        system_prompt=config.system_prompt,
-        prompt_column=config.prompt_column,
-        verifier=config.verifier,
-        gold_column=config.gold_column,
-        seed=config.seed,
-    )
+    task = load_config_task(config)
     rows = task.dataset.to_list()
     if config.num_prompts is not None and len(rows) < config.num_prompts:
         # load_task keeps at most what exists; evaluating fewer prompts than asked must not pass silently

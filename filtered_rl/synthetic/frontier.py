@@ -233,7 +233,7 @@ def evaluate_model(model: Path, base_model: Path, output_dir: Path, preset: Pres
         summary = json.loads((output_dir / SUMMARY_FILE).read_text())
     else:
         summary = run_eval(_eval_config(model, base_model, output_dir, preset, seed))
-    exact = exact_metrics(model, base_model, output_dir, preset)
+    exact = exact_metrics(model, base_model, output_dir, preset, seed)
     return {**summary, "exact": exact} if exact is not None else summary
 
 
@@ -258,16 +258,16 @@ def _eval_config(model: Path, base_model: Path, output_dir: Path, preset: Preset
 EXACT_FILE = "exact.json"
 
 
-def exact_metrics(model: Path, base_model: Path, output_dir: Path, preset: Preset) -> dict | None:
-    """Exact validity, pass@k (k = 1, eval_samples, 256), coverage@k and KL(p* ‖ π(·|valid)) on the same
-    held-out prompts, by teacher forcing over the task's enumerated valid answers (None when the task cannot
+def exact_metrics(model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> dict | None:
+    """Exact validity, pass@k (k = 1, eval_samples, 256), coverage@k and KL(p* ‖ π(·|valid)) on the held-out
+    prompts the sampled evaluation of this seed used, by teacher forcing over the task's enumerated valid answers (None when the task cannot
     enumerate them). For a task with several spellings per answer (countdown) these are lower bounds of the
     validity and pass@k; subset_sum has one spelling, so they are exact. Saved (atomically) as exact.json."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from filtered_rl.data import load_task
     from filtered_rl.evaluation.exact import exact_evaluation
     from filtered_rl.evaluation.outputs import atomic_write_text
+    from filtered_rl.evaluation.runner import load_config_task
     from filtered_rl.synthetic.console import quiet_libraries
 
     path = output_dir / EXACT_FILE
@@ -275,7 +275,7 @@ def exact_metrics(model: Path, base_model: Path, output_dir: Path, preset: Prese
         return None
     if path.exists():
         return json.loads(path.read_text())
-    task = load_task(preset.task, split="test", limit=preset.eval_prompts)
+    task = load_config_task(_eval_config(model, base_model, output_dir, preset, seed))  # the sampled prompts
     rows = task.dataset.to_list()
     answers = [task.valid_answers(row) for row in rows]
     if not rows or any(a is None for a in answers):
