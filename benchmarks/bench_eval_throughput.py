@@ -55,9 +55,9 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from filtered_rl.synthetic.countdown import make_countdown_dataset
     from filtered_rl.evaluation.generate import HFSampler
     from filtered_rl.evaluation.runner import plan_batches, prompt_seed
+    from filtered_rl.synthetic.countdown import make_countdown_dataset
 
     torch.set_num_threads(args.threads)
     if args.model is None:

@@ -39,7 +39,8 @@ BUILTIN_TASKS: dict[str, tuple[str, str, str | None, str, str]] = {
     "humaneval": ("code", "openai/openai_humaneval", None, "test", "HumanEval.jsonl"),
     "mbpp": ("code", "google-research-datasets/mbpp", "sanitized", "test", "sanitized-mbpp.json"),
 }
-BUILTIN_VERIFIERS = ("math", "code")
+# Where the verifier registry lives (imported on use: it is light, but keeps this module's import cheap).
+VERIFIERS_MODULE = "filtered_rl.verifiers"
 # Where the synthetic tasks' registry lives (a name, so that the product never imports the demo
 # unless a synthetic task is asked for).
 SYNTHETIC_TASKS_MODULE = "filtered_rl.synthetic.tasks"
@@ -79,8 +80,9 @@ def default_dataset() -> str:
 
 
 def verifier_names() -> tuple[str, ...]:
-    """Names `make_verifier` accepts: the built-in verifiers and every synthetic task."""
-    return BUILTIN_VERIFIERS + importlib.import_module(SYNTHETIC_TASKS_MODULE).TASKS.names()
+    """Names `make_verifier` accepts: every registered verifier and every synthetic task."""
+    registered = importlib.import_module(VERIFIERS_MODULE).VERIFIERS.names()
+    return registered + importlib.import_module(SYNTHETIC_TASKS_MODULE).TASKS.names()
 
 
 def load_task(
@@ -213,12 +215,12 @@ def render_prompt(prompt: list[dict[str, str]] | str, tokenizer: Any) -> str:
 
 
 def make_verifier(name: str, gold_column: str | None = None, **options: Any) -> Any:
-    """A verifier by name: "math" (math-verify), "code" (sandboxed tests), or a synthetic task's;
-    `options` go to its constructor (e.g. the code verifier's `prompt_column`, `limits`, `workers`)."""
-    if name == "math":
-        from filtered_rl.verifiers.math import MathVerifier as cls
-    elif name == "code":
-        from filtered_rl.verifiers.code import CodeVerifier as cls
+    """A verifier by name: one registered in `filtered_rl.verifiers.VERIFIERS` ("math": math-verify,
+    "code": sandboxed tests) or a synthetic task's; `options` go to its constructor (e.g. the code
+    verifier's `prompt_column`, `limits`, `workers`)."""
+    registered = importlib.import_module(VERIFIERS_MODULE).VERIFIERS
+    if name in registered:
+        cls = registered[name]
     elif (synthetic := synthetic_task(name)) is not None:
         cls = synthetic.make_verifier
     else:

@@ -589,7 +589,9 @@ def test_rehearsal_sample_is_a_filtered_rl_subcommand() -> None:
     import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "filtered_rl.cli", "rehearsal-sample", "--help"], capture_output=True, text=True
+        [sys.executable, "-m", "filtered_rl.cli", "rehearsal-sample", "--help"],
+        capture_output=True,
+        text=True,
     )
     assert done.returncode == 0, done.stderr
     assert "--min-correct" in done.stdout and "--output-dir" in done.stdout

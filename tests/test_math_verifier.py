@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 import filtered_rl.verifiers.math as math_module
 from filtered_rl.verifiers.math import MathVerifier, extract_gold, extract_prediction, verify_math
+from filtered_rl.verifiers.pool import WorkerPool
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATHOLOGICAL = [
@@ -25,9 +28,37 @@ PATHOLOGICAL = [
 ]
 
 
+HUGE = r"\boxed{10^{10^{10^{10^{10}}}}}"
+
+
 @pytest.fixture(scope="module")
 def verifier():
     return MathVerifier(timeout=5.0, workers=2)
+
+
+@contextmanager
+def counted_requests():
+    """The completion texts the math helpers are asked to judge while the block runs."""
+    sent: list[str] = []
+    original = WorkerPool.map
+
+    def counting(pool, requests, deadline_s):
+        sent.extend(r["pred"] for r in requests)
+        return original(pool, requests, deadline_s)
+
+    WorkerPool.map = counting
+    try:
+        yield sent
+    finally:
+        WorkerPool.map = original
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def load_jsonl(relative: str) -> list[dict]:
@@ -105,7 +136,9 @@ def test_answer_key_equal_for_equivalent_answers(verifier):
     assert verifier.answer_key(r"\boxed{x+1}", {}) == verifier.answer_key(r"\boxed{1 + x}", {})
     # Keys of scored completions are kept, so an evaluation loop's per-sample answer_key is free.
     assert verifier(prompts=["q"], completions=[r"so \boxed{0.25}"], answer=[r"\frac{1}{4}"]) == [1.0]
-    assert verifier._keys[r"so \boxed{0.25}"] == verifier.answer_key(r"so \boxed{0.25}", {}) == "1/4"
+    with counted_requests() as sent:
+        assert verifier.answer_key(r"so \boxed{0.25}", {}) == "1/4"
+    assert sent == []
 
 
 # ------------------------------------------------------------------ threads and pathological input
@@ -153,8 +186,10 @@ def test_pathological_inputs_are_bounded_from_a_thread():
     assert verifier(prompts=["q"], completions=[r"\boxed{5}"], answer=["#### 5"]) == [1.0]
 
 
-def test_hard_deadline_kills_a_stuck_helper_and_recovers():
-    """Below math-verify's 1 s alarm granularity only the pool's deadline can stop the work."""
+def test_hard_deadline_kills_a_stuck_helper_and_recovers(monkeypatch):
+    """Work that ignores the helper's own timer (stuck in C code) is stopped by the pool's deadline.
+    Giving the helper a timer past the deadline makes any slow answer such work."""
+    monkeypatch.setattr(math_module, "HELPER_TIME_SHARE", 20.0)
     verifier = MathVerifier(timeout=0.6, workers=1)
     assert verifier(prompts=["q"], completions=[r"\boxed{5}"], answer=["#### 5"]) == [1.0]  # warm
     helpers = math_module._pool(verifier.workers, verifier.memory_bytes)
@@ -162,8 +197,58 @@ def test_hard_deadline_kills_a_stuck_helper_and_recovers():
     started = time.monotonic()
     assert verifier(prompts=["q"], completions=[r"\boxed{10^{10^{10^{10}}}}"], answer=["#### 5"]) == [0.0]
     assert time.monotonic() - started < 3.0
-    assert helpers.pids() == [] and len(before) == 1  # killed, not left computing
+    assert len(before) == 1 and before[0] not in helpers.pids()
+    deadline = time.monotonic() + 5
+    while alive(before[0]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not alive(before[0]), "the helper that missed its deadline is still computing"
     assert verifier(prompts=["q"], completions=[r"\boxed{5}"], answer=["#### 5"]) == [1.0]  # a fresh helper
+
+
+def test_a_slow_answer_is_cut_by_the_helper_itself_within_the_timeout():
+    """One timer bounds the whole judgement (not math-verify's whole-second alarm per parse call, which
+    it swallows): the helper answers before the pool's deadline and is not replaced."""
+    verifier = MathVerifier(timeout=2.0, workers=1)
+    assert verifier.verify(r"\boxed{5}", "#### 5")  # warm
+    helpers = math_module._pool(verifier.workers, verifier.memory_bytes)
+    before = helpers.pids()
+    started = time.monotonic()
+    assert verifier(prompts=["q"], completions=[HUGE], answer=["#### 5"]) == [0.0]
+    assert time.monotonic() - started < 1.6 * verifier.timeout + 1.0
+    assert helpers.pids() == before, "the helper was killed instead of stopping the judgement itself"
+    assert verifier.verify(r"\boxed{5}", "#### 5")
+
+
+def test_a_verdict_is_computed_once_per_completion_and_gold():
+    """An evaluation loop scores a batch, then asks each sample's answer key: an answer that ran out of
+    time must not cost its timeout again. Repeats within a batch are judged once too."""
+    verifier = MathVerifier(timeout=2.0, workers=2)
+    batch = [HUGE, r"\boxed{5}", HUGE, r"\boxed{6}"]
+    row = {"answer": "#### 5"}
+    with counted_requests() as sent:
+        assert verifier(prompts=["q"] * 4, completions=batch, answer=["#### 5"] * 4) == [0.0, 1.0, 0.0, 0.0]
+        assert sorted(sent) == sorted({HUGE, r"\boxed{5}", r"\boxed{6}"})
+        started = time.monotonic()
+        assert [verifier.answer_key(text, row) for text in batch] == [None, "5", None, "6"]
+        assert verifier.answer_keys(batch) == [None, "5", None, "6"]
+        assert verifier.score(HUGE, "#### 5", row) == 0.0 and not verifier.verify(HUGE, "#### 5")
+        assert time.monotonic() - started < 1.0
+        assert len(sent) == 3, sent
+        assert verifier(prompts=["q"], completions=[HUGE], answer=["#### 7"]) == [0.0]  # another gold
+        assert len(sent) == 4
+
+
+def test_the_verdict_cache_is_bounded(monkeypatch):
+    monkeypatch.setattr(MathVerifier, "cache_size", 4)
+    verifier = MathVerifier(workers=2)
+    texts = [rf"\boxed{{{n}}}" for n in range(10)]
+    assert verifier(prompts=None, completions=texts, answer=["#### 3"] * 10) == [
+        float(n == 3) for n in range(10)
+    ]
+    assert len(verifier._cache) <= 4
+    assert verifier.answer_keys(texts) == [str(n) for n in range(10)]  # forgotten ones are recomputed
+    copy = pickle.loads(pickle.dumps(verifier))  # e.g. sent to a data-loader process: the cache stays
+    assert len(copy._cache) == 0 and copy.verify(r"\boxed{3}", "#### 3")
 
 
 # ------------------------------------------------------------------ real data
@@ -236,3 +321,25 @@ def test_real_data_sample():
 @pytest.mark.slow
 def test_real_data_full():
     check_real_data(load_jsonl("gsm8k/test.jsonl"), load_jsonl("math500/test.jsonl"))
+
+
+# ------------------------------------------------------------------ packaging
+
+
+def test_the_latex_parser_runtime_is_pinned_without_extras():
+    """math-verify's LaTeX parser needs the ANTLR runtime it was generated for. pyproject.toml names that
+    runtime directly instead of asking math-verify for an extra: its `antlr4-13-2` extra forwards to
+    `latex2sympy2_extended[antlr4_13_2]`, which pip 23.2 fails to match and warns "does not provide the
+    extra" at every install. No extra means no such warning, whatever pip the user has."""
+    import tomllib
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
+    requirements = {Requirement(line).name.lower(): Requirement(line) for line in project["dependencies"]}
+    assert not requirements["math-verify"].extras, "ask math-verify for no extra (pip < 23.3 warns about it)"
+    antlr = requirements["antlr4-python3-runtime"]
+    assert antlr.specifier.contains(version("antlr4-python3-runtime")), "reinstall: the ANTLR runtime drifted"
+    # The pinned runtime really parses LaTeX (a wrong runtime raises or returns nothing here).
+    assert str(extract_prediction(r"\boxed{\frac{\sqrt{2}}{2}}")[0]) == "sqrt(2)/2"

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import signal
 import socket
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -56,8 +58,10 @@ def shared_canary():
 
 
 def leftover_processes(pool: SandboxPool) -> list[str]:
-    """Live processes running as a sandbox uid of this pool, or children of its (idle) workers."""
-    uids, workers = set(pool.worker_uids()), set(pool.worker_pids())
+    """Live processes running as a sandbox uid of this pool, or children of its (idle) workers other
+    than their zygotes, or children of those zygotes."""
+    uids, zygotes = set(pool.worker_uids()), set(pool.zygote_pids())
+    parents = set(pool.worker_pids()) | zygotes
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -69,13 +73,13 @@ def leftover_processes(pool: SandboxPool) -> list[str]:
         except OSError:
             continue
         state, uid, ppid = fields["State"].split()[0], int(fields["Uid"].split()[0]), int(fields["PPid"])
-        if state not in ("Z", "X") and (uid in uids or ppid in workers):
+        if state not in ("Z", "X") and (uid in uids or ppid in parents) and int(entry.name) not in zygotes:
             found.append(f"pid {entry.name} uid {uid} ppid {ppid} {fields['Name'].strip()}")
     return found
 
 
 def run_hostile(pool: SandboxPool, program: str, tests: str = "assert True", limits: SandboxLimits = LIMITS):
-    worker_before = pool.worker_pids()
+    worker_before, zygote_before = pool.worker_pids(), pool.zygote_pids()
     started = time.monotonic()
     result = pool.run(program, tests, limits)
     elapsed = time.monotonic() - started
@@ -85,6 +89,7 @@ def run_hostile(pool: SandboxPool, program: str, tests: str = "assert True", lim
         time.sleep(0.05)
     assert leftover_processes(pool) == [], "processes outlived the call"
     assert pool.worker_pids() == worker_before, "the worker was killed or replaced"
+    assert pool.zygote_pids() == zygote_before and len(zygote_before) == len(worker_before)
     return result
 
 
@@ -267,5 +272,40 @@ def test_namespaces_are_used_where_available():
                 "assert socket.if_nameindex() == [(1, 'lo')] or len(socket.if_nameindex()) <= 1"
             )
             assert pool.run(program, "assert True").status == "passed"
+    finally:
+        pool.close()
+
+
+@pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "fallback"])
+def test_unreadable_python_warning_is_true(namespaces):
+    """The warning fires exactly when programs cannot import an unpreloaded stdlib module, and says what
+    was found: the unreadable paths and why no mount namespace exposed them."""
+    pool = SandboxPool(1, namespaces=namespaces)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = pool.run("import email.mime.text  # not preloaded", "assert True", LIMITS)
+        caps = pool.capabilities()
+        warned = [str(w.message) for w in caught if "cannot read" in str(w.message)]
+        assert len(warned) == (0 if caps["python_readable"] else 1), warned
+        assert (result.status == "passed") == caps["python_readable"], (result, caps)
+        if warned:
+            assert all(path in warned[0] for path in caps["python_unreadable"])
+            assert caps["python_note"] in warned[0]
+            if not namespaces:
+                assert "namespaces=False was requested" in warned[0]
+    finally:
+        pool.close()
+
+
+def test_a_killed_zygote_costs_one_job_and_the_pool_recovers():
+    pool = SandboxPool(1)
+    try:
+        assert pool.run("x = 1", "assert x == 1", LIMITS).passed
+        worker, zygote = pool.worker_pids(), pool.zygote_pids()
+        os.kill(zygote[0], signal.SIGKILL)
+        assert pool.run("x = 1", "assert x == 1", LIMITS).status == "error"
+        assert pool.run("x = 1", "assert x == 1", LIMITS).passed
+        assert pool.worker_pids() != worker and pool.zygote_pids() != zygote
     finally:
         pool.close()

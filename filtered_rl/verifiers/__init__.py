@@ -3,9 +3,11 @@
 Every verifier is a callable object `reward(prompts, completions, **columns) -> list[float | None]`:
 1.0 valid, 0.0 invalid, None where the gold itself is unusable (TRL then ignores that reward).
 Importing this package loads neither sympy nor math-verify: the math verifier does its parsing in
-helper processes, so a pathological answer cannot hang the trainer.
+helper processes, so a pathological answer cannot hang the trainer. `make_verifier("math", ...)` builds
+one by its name in `VERIFIERS`.
 """
 
+from ._registry import VERIFIERS, make_verifier
 from .base import BinaryVerifier, completion_to_text
 from .code import CodeVerifier, extract_code
 from .math import MathVerifier, extract_gold, extract_prediction, verify_math
@@ -18,10 +20,12 @@ __all__ = [
     "MathVerifier",
     "SandboxLimits",
     "SandboxPool",
+    "VERIFIERS",
     "completion_to_text",
     "extract_code",
     "extract_gold",
     "extract_prediction",
+    "make_verifier",
     "run_code",
     "verify_math",
 ]

@@ -12,10 +12,12 @@ the comparison is not symmetric). This module only decides *which* text to hand 
 
 Why a process pool. math-verify bounds its own work with `signal.alarm`, which only works on the main
 thread, and no signal can interrupt a long computation inside C (huge integers, `10^{10^{10}}`).
-`verify_math` and `MathVerifier` therefore run each judgement in long-lived helper processes (their
-main thread keeps math-verify's alarm as a cheap first line) under a hard deadline; a helper that
-misses it is killed and replaced and the completion scores 0.0. They are safe from any thread or
-process and never hang the caller.
+`verify_math` and `MathVerifier` therefore run each judgement in long-lived helper processes
+(`pool.WorkerPool`). A helper bounds the whole judgement with one timer of its own, at 0.8 x `timeout`
+(it answers 0.0 and stays up); work stuck in C is cut by the pool, which kills the helper at `timeout`
+and starts a replacement. Either way the completion scores 0.0, the verdict is cached (it is not paid
+for again by `answer_key`), and the caller never waits much more than `timeout` for one answer. Safe
+from any thread or process.
 """
 
 from __future__ import annotations
@@ -27,16 +29,22 @@ import re
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from .base import BinaryVerifier, completion_to_text
-from .sandbox import WorkerPool
+from .pool import WorkerPool
 
 __all__ = ["GOLD_STYLES", "MathVerifier", "extract_gold", "extract_prediction", "verify_math"]
 
 GOLD_STYLES = ("auto", "gsm8k", "solution", "answer")
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _HASHES = re.compile(r"####\s*([^\n]*)")
+
+# A helper stops a judgement itself at this share of `timeout` (it answers, and stays up for the next
+# request); the pool kills it at the full `timeout` only when the work is stuck in C code.
+HELPER_TIME_SHARE = 0.8
 
 
 def _last_boxed(text: str) -> str | None:
@@ -122,79 +130,86 @@ def _answer_key(parsed: list) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _judge(request: dict[str, Any], gold_cache: dict[tuple[str, str], list]) -> dict[str, Any]:
-    """One judgement inside a helper: {"gold_ok", "valid", "key"}."""
-    from math_verify import verify
-
-    alarm = int(request["alarm"])
-    pred = extract_prediction(request["pred"], alarm)
-    if "gold" not in request:
-        return {"gold_ok": True, "valid": False, "key": _bounded_key(pred, alarm)}
-    key = (request["gold"], request["style"])
-    if key not in gold_cache:
-        if len(gold_cache) > 4096:
-            gold_cache.clear()
-        gold_cache[key] = extract_gold(request["gold"], request["style"], alarm)
-    gold = gold_cache[key]
-    if not gold:
-        return {"gold_ok": False, "valid": False, "key": None}
-    valid = bool(pred) and verify(gold, pred, timeout_seconds=alarm)
-    key = _bounded_key(pred, alarm) if request.get("want_key") else None
-    return {"gold_ok": True, "valid": bool(valid), "key": key}
+_ZERO = {"gold_ok": True, "valid": False, "key": None}  # a reply with no answer found (or no time left)
 
 
-class _KeyTimeout(Exception):
-    pass
+class _OutOfTime(BaseException):
+    """Raised by a helper's judgement timer. Not an `Exception`: math-verify catches those (its own
+    TimeoutException included) and carries on with the next extraction, which would void the bound."""
 
 
-def _bounded_key(parsed: list, seconds: int) -> str | None:
-    """`_answer_key` under a SIGALRM bound (helpers run it on their main thread): a slow key is no key,
-    and never costs a completion its validity, which is decided before."""
+@contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise `_OutOfTime` in the helper's main thread after `seconds` (fractions allowed).
+
+    One timer for the whole judgement, not math-verify's per-call `signal.alarm`: that one counts
+    whole seconds, restarts for each of the several parse calls a judgement makes, and is swallowed.
+    """
 
     def expire(signum: int, frame: Any) -> None:
-        raise _KeyTimeout
+        raise _OutOfTime
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
     try:
-        return _answer_key(parsed)
-    except _KeyTimeout:
-        return None
+        yield
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, previous)
 
 
+def _key_or_none(parsed: list) -> str | None:
+    """The answer key, or None if the judgement's time runs out first: validity is decided before,
+    so a slow key never costs a completion its reward."""
+    try:
+        return _answer_key(parsed)
+    except _OutOfTime:
+        return None
+
+
+def _judge(request: dict[str, Any], gold_cache: dict[tuple[str, str], list]) -> dict[str, Any]:
+    """One judgement inside a helper, within `request["budget"]` seconds: {"gold_ok", "valid", "key"}.
+
+    Work stuck in C code (a huge integer power) ignores the timer; the pool's deadline kills it.
+    """
+    from math_verify import verify
+
+    with _time_limit(float(request["budget"])):
+        pred = extract_prediction(request["pred"], timeout=None)
+        if "gold" not in request:
+            return {**_ZERO, "key": _key_or_none(pred)}
+        cache_key = (request["gold"], request["style"])
+        if cache_key not in gold_cache:
+            if len(gold_cache) > 4096:
+                gold_cache.clear()
+            gold_cache[cache_key] = extract_gold(request["gold"], request["style"], timeout=None)
+        gold = gold_cache[cache_key]
+        if not gold:
+            return {"gold_ok": False, "valid": False, "key": None}
+        valid = bool(pred) and verify(gold, pred, timeout_seconds=None)
+        return {"gold_ok": True, "valid": bool(valid), "key": _key_or_none(pred)}
+
+
 def _worker_main() -> None:
-    """Entry point of a helper process: JSON requests on stdin, one JSON reply per line on stdout."""
-    import json
+    """Entry point of a helper process (`_serve` protocol): one judgement per request."""
     import resource
 
-    parent_pid, memory_bytes = int(sys.argv[-1]), int(sys.argv[-2])
-    if sys.platform == "linux":  # die with the parent even while busy (stdin EOF is seen only when idle)
-        import ctypes
+    from ._serve import die_with_parent, serve
 
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    if os.getppid() != parent_pid:
+    parent_pid, memory_bytes = int(sys.argv[-1]), int(sys.argv[-2])
+    if not die_with_parent(parent_pid):
         return
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-    logging.getLogger("math_verify").setLevel(logging.ERROR)
-    out = sys.stdout
-    sys.stdout = sys.stderr  # nothing but replies may reach the protocol channel
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # e.g. "timeout is disabled": ours is on
     gold_cache: dict[tuple[str, str], list] = {}
     # Warm up (imports, grammar, regex caches) before saying ready: requests then meet only their own cost.
-    _judge({"pred": r"so \boxed{\frac{1}{2}}", "gold": "#### 0.5", "style": "auto", "alarm": 5}, gold_cache)
+    _judge({"pred": r"so \boxed{\frac{1}{2}}", "gold": "#### 0.5", "style": "auto", "budget": 30}, gold_cache)
     gold_cache.clear()
-    out.write(json.dumps({"ready": True}) + "\n")
-    out.flush()
-    for line in sys.stdin:
-        try:
-            request = json.loads(line)
-            reply = {"pong": True} if request.get("ping") else _judge(request, gold_cache)
-        except BaseException as exc:  # MemoryError, math-verify's TimeoutException, RecursionError, ...
-            reply = {"gold_ok": True, "valid": False, "key": None, "error": type(exc).__name__}
-        out.write(json.dumps(reply) + "\n")
-        out.flush()
+    serve(
+        lambda request: _judge(request, gold_cache),
+        {"ready": True},
+        lambda exc: {**_ZERO, "error": type(exc).__name__},
+    )
 
 
 _pools: dict[tuple[int, int], WorkerPool] = {}
@@ -221,16 +236,37 @@ def _default_workers() -> int:
     return max(1, min(4, os.cpu_count() or 1))
 
 
-def _request(pred: str, gold: Any, style: str, timeout: float, want_key: bool = False) -> dict[str, Any]:
-    request = {
-        "pred": pred,
-        "style": style,
-        "want_key": want_key,
-        "alarm": max(1, int(timeout // 2)),
-    }  # math-verify's own per-step alarm, whole seconds
-    if gold is not None:
-        request["gold"] = gold if isinstance(gold, str) else repr(gold)
-    return request
+def _gold_text(gold: Any) -> str | None:
+    """The gold as sent to the helpers (and as the verdict cache keys it); None: no gold (key only)."""
+    if gold is None:
+        return None
+    return gold if isinstance(gold, str) else repr(gold)
+
+
+class _BoundedCache:
+    """A thread-safe mapping that forgets its oldest entries beyond `size`."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: dict[Any, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            return self._entries.get(key)
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+            self._entries[key] = value
+            while len(self._entries) > self.size:
+                del self._entries[next(iter(self._entries))]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __reduce__(self) -> tuple[type, tuple[int]]:  # a pickled or copied verifier starts empty
+        return type(self), (self.size,)
 
 
 def verify_math(completion: Any, gold: Any, gold_style: str = "auto", timeout: float = 5.0) -> bool:
@@ -246,9 +282,14 @@ class MathVerifier(BinaryVerifier):
     in seconds (past it: 0.0); `workers` helper processes (default: min(4, CPUs), shared by all
     verifiers with the same settings); `memory_bytes` caps each helper's address space.
     A gold that yields no answer gives None (TRL ignores that reward).
+
+    Each (completion, gold) is judged once: verdict and answer key are kept (the `cache_size` most
+    recent), so an evaluation loop's `answer_key` after scoring, or a repeated completion, costs
+    nothing, and a judgement that ran out of time is not paid for twice.
     """
 
     __name__ = "math"
+    cache_size = 100_000
 
     def __init__(
         self,
@@ -265,51 +306,53 @@ class MathVerifier(BinaryVerifier):
         self.gold_column, self.gold_style, self.timeout = gold_column, gold_style, timeout
         self.workers = workers or _default_workers()
         self.memory_bytes = memory_bytes
-        self._keys: dict[str, str | None] = {}  # answer keys of recently scored completions
+        self._cache = _BoundedCache(self.cache_size)
 
-    def _judge_many(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _judgements(self, pairs: list[tuple[str, str | None]]) -> list[dict[str, Any]]:
+        """Replies for (text, gold text or None for the key alone): cached ones, the rest (each distinct
+        pair once) from the helpers in parallel, each within `timeout` (see `HELPER_TIME_SHARE`)."""
+        found = {pair: self._cache.get(pair) for pair in dict.fromkeys(pairs)}
+        missing = [pair for pair, reply in found.items() if reply is None]
+        budget = HELPER_TIME_SHARE * self.timeout
+        requests = [{"pred": text, "style": self.gold_style, "budget": budget} for text, _ in missing]
+        for request, (_, gold) in zip(requests, missing):
+            if gold is not None:
+                request["gold"] = gold
         replies = _pool(self.workers, self.memory_bytes).map(requests, deadline_s=self.timeout)
-        return [r or {"gold_ok": True, "valid": False, "key": None, "error": "deadline"} for r in replies]
+        for pair, reply in zip(missing, replies):
+            reply = found[pair] = reply or {**_ZERO, "error": "deadline"}
+            self._cache.put(pair, reply)
+            if pair[1] is not None and reply["gold_ok"]:  # the key does not depend on the gold
+                self._cache.put((pair[0], None), {**_ZERO, "key": reply["key"]})
+        return [found[pair] for pair in pairs]
+
+    def _rewards(self, texts: list[str], golds: list[Any]) -> list[float | None]:
+        todo = [i for i, gold in enumerate(golds) if _usable(gold)]
+        replies = self._judgements([(texts[i], _gold_text(golds[i])) for i in todo])
+        rewards: list[float | None] = [None] * len(texts)
+        for i, reply in zip(todo, replies):
+            rewards[i] = float(reply["valid"]) if reply["gold_ok"] else None
+        return rewards
 
     def verify(self, text: str, gold: Any) -> bool:
-        return self._judge_many([_request(text, gold, self.gold_style, self.timeout)])[0]["valid"]
+        return self._rewards([text], [gold])[0] == 1.0
 
     def __call__(
         self, prompts: list[Any] | None = None, completions: list[Any] | None = None, **columns: Any
     ) -> list[float | None]:
         texts, rows = self._texts_and_rows(completions, columns)
-        golds = [row[self.gold_column] for row in rows]
-        todo = [i for i, gold in enumerate(golds) if _usable(gold)]
-        replies = self._judge_many(
-            [_request(texts[i], golds[i], self.gold_style, self.timeout, want_key=True) for i in todo]
-        )
-        scores: list[float | None] = [None] * len(completions)
-        if len(self._keys) > 100_000:
-            self._keys.clear()
-        for i, reply in zip(todo, replies):
-            scores[i] = float(reply["valid"]) if reply["gold_ok"] else None
-            if reply["gold_ok"] and "error" not in reply:
-                self._keys[texts[i]] = reply["key"]
-        return scores
+        return self._rewards(texts, [row[self.gold_column] for row in rows])
 
     def score(self, text: str, gold: Any, row: dict[str, Any]) -> float | None:
-        if not _usable(gold):
-            return None
-        reply = self._judge_many([_request(text, gold, self.gold_style, self.timeout)])[0]
-        return float(reply["valid"]) if reply["gold_ok"] else None
+        return self._rewards([text], [gold])[0]
 
     def answer_key(self, text: str, row: dict[str, Any]) -> str | None:
         """Normalised final answer (see `_answer_key`); free for texts this verifier has just scored."""
-        if text in self._keys:
-            return self._keys[text]
         return self.answer_keys([text])[0]
 
     def answer_keys(self, texts: list[str]) -> list[str | None]:
         """`answer_key` for many completions at once (in parallel)."""
-        return [
-            r["key"]
-            for r in self._judge_many([_request(t, None, self.gold_style, self.timeout, True) for t in texts])
-        ]
+        return [reply["key"] for reply in self._judgements([(text, None) for text in texts])]
 
 
 def _usable(gold: Any) -> bool:
