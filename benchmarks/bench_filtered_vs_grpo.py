@@ -1,14 +1,28 @@
-"""Step time of FilteredGRPOTrainer vs GRPOTrainer with a KL penalty (beta > 0), same model and batch.
+"""Step time of FilteredGRPOTrainer vs GRPOTrainer with a KL penalty (beta > 0), same model and batch, at two shapes.
 
-Both run the reference model every generation; the filtered objective adds one no-grad forward of the
-policy (its log π_old, which TRL skips when π_old is the current policy) and a few tensor ops per group.
-The learning rate is 0 so that both trainers sample exactly the same completions (same seed, same
-weights): the ratio measures the objective's overhead, not a difference in completion lengths.
-The two trainers alternate for `--rounds` rounds; the first step of each run (warm-up) is dropped and
-the median step time (TRL's `step_time`: generation, scoring, forward and backward) is compared.
+Both run the reference model every generation. The filtered objective also needs log π_old, the sampling
+policy's sequence log-prob, which TRL does not compute when π_old is the current policy. Two ways of
+getting it are timed side by side:
 
-    python benchmarks/bench_filtered_vs_grpo.py                 # nano countdown model (pretrained if needed)
-    python benchmarks/bench_filtered_vs_grpo.py --model DIR --steps 8 --rounds 3
+- `filtered-forward`: a no-grad forward of the policy after generation (the behaviour before issue #15);
+- `filtered`: the sampled tokens' log-probs recorded during `model.generate` (the default now; see
+  `filtered_rl/trainers/_logprobs.py`), no extra forward.
+
+Shapes: `nano` (today's: the pretrained 0.26 M countdown model, 32 completions of at most 24 tokens,
+ending at EOS) and `small` (the `small` base-model architecture, 25 M parameters, randomly initialised,
+completions forced to `--small-tokens` tokens by suppressing EOS, so every completion is long).
+
+The learning rate is 0 so that every trainer samples exactly the same completions (same seed, same
+weights): the ratios measure the objective's overhead, not a difference in completion lengths. The
+trainers alternate for `--rounds` rounds; the first step of each run (warm-up) is dropped and the median
+step time (TRL's `step_time`: generation, scoring, forward and backward) is compared. The CPU time of the
+process per step is reported too: on a machine shared with other jobs it is less inflated by waiting than
+wall time. Where the time goes is measured with timers around TRL's hooks (generation, the reference
+forward, the policy's no-grad forward, the loss forward and the backward).
+
+    python benchmarks/bench_filtered_vs_grpo.py                        # both shapes
+    python benchmarks/bench_filtered_vs_grpo.py --shapes nano --steps 12 --rounds 4
+    python benchmarks/bench_filtered_vs_grpo.py --nano-model DIR       # a nano model directory to use
 """
 
 from __future__ import annotations
@@ -17,14 +31,93 @@ import argparse
 import statistics
 import tempfile
 import time
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+PARTS = ("generate", "ref_forward", "policy_nograd_forward", "loss_forward", "backward", "rewards")
 
-def step_times(
-    trainer_cls, config_cls, model: str, dataset, reward, steps: int, workdir: str, **extra
-) -> tuple[list[float], list[float]]:
+
+@dataclass
+class Shape:
+    name: str
+    model: str
+    prompts: int
+    generations: int
+    max_tokens: int
+    generation_kwargs: dict[str, Any] | None = None
+    about: str = ""
+
+
+@dataclass
+class Run:
+    step_wall: list[float] = field(default_factory=list)
+    step_cpu: list[float] = field(default_factory=list)
+    parts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    lengths: list[float] = field(default_factory=list)
+
+
+class StepTimer(TrainerCallback):
+    """Per optimizer step: wall and process CPU time, and the time spent in each instrumented part."""
+
+    def __init__(self):
+        self.current: dict[str, float] = defaultdict(float)
+        self.steps: list[dict[str, float]] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.current = defaultdict(float)
+        self.current["_cpu0"] = time.process_time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.current["cpu"] = time.process_time() - self.current.pop("_cpu0")
+        self.steps.append(dict(self.current))
+
+
+def instrument(trainer: Any, timer: StepTimer) -> None:
+    """Wrap the trainer's hooks with timers (instance attributes; the classes are untouched)."""
+    import torch
+
+    def timed(name_of, function):
+        def wrapper(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                timer.current[name_of(*args, **kwargs)] += time.perf_counter() - started
+
+        return wrapper
+
+    def forward_kind(model, *args, **kwargs):
+        if trainer.ref_model is not None and model is trainer.ref_model:
+            return "ref_forward"
+        return "loss_forward" if torch.is_grad_enabled() else "policy_nograd_forward"
+
+    trainer._generate_single_turn = timed(lambda *a, **k: "generate", trainer._generate_single_turn)
+    trainer._calculate_rewards = timed(lambda *a, **k: "rewards", trainer._calculate_rewards)
+    trainer._get_per_token_logps_and_entropies = timed(
+        forward_kind, trainer._get_per_token_logps_and_entropies
+    )
+    trainer.accelerator.backward = timed(lambda *a, **k: "backward", trainer.accelerator.backward)
+
+
+def run_once(variant: str, shape: Shape, dataset, reward, steps: int, workdir: str, kl_beta: float) -> Run:
+    from trl import GRPOConfig, GRPOTrainer
+
+    from filtered_rl.trainer import FilteredGRPOConfig, FilteredGRPOTrainer
+
+    if variant == "grpo":
+        trainer_cls, config_cls, extra = GRPOTrainer, GRPOConfig, dict(beta=kl_beta)
+    else:
+        trainer_cls, config_cls, extra = (
+            FilteredGRPOTrainer,
+            FilteredGRPOConfig,
+            dict(divergence="forward_kl"),
+        )
+    batch = shape.prompts * shape.generations
     args = config_cls(
         output_dir=workdir,
         use_cpu=True,
@@ -36,28 +129,84 @@ def step_times(
         max_steps=steps,
         learning_rate=0.0,
         seed=0,
-        num_generations=8,
-        per_device_train_batch_size=32,
-        max_completion_length=24,
+        num_generations=shape.generations,
+        per_device_train_batch_size=batch,
+        max_completion_length=shape.max_tokens,
+        generation_kwargs=shape.generation_kwargs,
         **extra,
     )
-    trainer = trainer_cls(model=model, reward_funcs=reward, args=args, train_dataset=dataset)
+    trainer = trainer_cls(model=shape.model, reward_funcs=reward, args=args, train_dataset=dataset)
+    if variant == "filtered-forward":
+        trainer.capture_sampling_logprobs = False
     trainer.remove_callback(PrinterCallback)  # keep the output to the figures below
+    timer = StepTimer()
+    trainer.add_callback(timer)
+    instrument(trainer, timer)
     trainer.train()
-    times = [h["step_time"] for h in trainer.state.log_history if "step_time" in h]
-    lengths = [
-        h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h
-    ]
-    return times[1:], lengths
+    history = trainer.state.log_history
+    run = Run()
+    run.step_wall = [h["step_time"] for h in history if "step_time" in h][1:]
+    run.lengths = [h["completions/mean_length"] for h in history if "completions/mean_length" in h]
+    for step in timer.steps[1:]:
+        run.step_cpu.append(step["cpu"])
+        for part in PARTS:
+            run.parts[part].append(step.get(part, 0.0))
+    source = getattr(trainer, "sampling_logps_source", None)
+    if variant != "grpo":
+        expected = "forward" if variant == "filtered-forward" else "generate"
+        assert source == expected, f"{variant}: log π_old came from {source!r}, expected {expected!r}"
+    return run
+
+
+def small_model(directory: Path) -> str:
+    from filtered_rl.synthetic.base_model import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_model("small", tokenizer, seed=0)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def report(shape: Shape, runs: dict[str, Run], kl_beta: float) -> None:
+    grpo = runs["grpo"]
+    print(f"\n== shape {shape.name}: {shape.about}")
+    print(
+        f"   batch {shape.prompts * shape.generations} completions ({shape.prompts} prompts x {shape.generations}),"
+        f" mean completion length {median(grpo.lengths):.1f} tokens"
+    )
+    same = len({tuple(run.lengths) for run in runs.values()}) == 1
+    print(f"   same completions in every run: {same}")
+    header = f"   {'':<22}{'wall s':>8}{'cpu s':>8}" + "".join(f"{p:>23}" for p in PARTS)
+    print(header)
+    for name, run in runs.items():
+        label = f"GRPO(beta={kl_beta})" if name == "grpo" else name
+        parts = "".join(f"{median(run.parts[p]):>23.3f}" for p in PARTS)
+        print(f"   {label:<22}{median(run.step_wall):>8.3f}{median(run.step_cpu):>8.3f}{parts}")
+    for name in ("filtered-forward", "filtered"):
+        run = runs[name]
+        wall = median(run.step_wall) / median(grpo.step_wall)
+        cpu = median(run.step_cpu) / median(grpo.step_cpu)
+        print(f"   ratio {name} / grpo: wall {wall:.3f}  cpu {cpu:.3f}   ({len(run.step_wall)} steps each)")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", help="model directory (default: the pretrained nano countdown model)")
-    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is dropped)")
-    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each trainer")
+    parser.add_argument("--shapes", default="nano,small", help="comma-separated: nano, small")
+    parser.add_argument("--nano-model", "--model", dest="nano_model", help="nano model directory")
+    parser.add_argument("--steps", type=int, default=6, help="optimizer steps per nano run (first dropped)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each trainer, nano")
+    parser.add_argument("--small-steps", type=int, default=3, help="optimizer steps per small run")
+    parser.add_argument("--small-rounds", type=int, default=2, help="alternating runs, small")
+    parser.add_argument("--small-tokens", type=int, default=128, help="forced completion length, small")
+    parser.add_argument("--small-prompts", type=int, default=2, help="prompts per step, small")
+    parser.add_argument("--small-generations", type=int, default=4, help="completions per prompt, small")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument(
         "--kl-beta", type=float, default=0.04, help="GRPO's KL coefficient (> 0: runs the reference)"
@@ -65,47 +214,60 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from trl import GRPOConfig, GRPOTrainer
 
-    from filtered_rl.synthetic.base_model import load_or_pretrain
+    from filtered_rl.synthetic.base_model import build_tokenizer
     from filtered_rl.synthetic.countdown import make_countdown_dataset
-    from filtered_rl.trainer import FilteredGRPOConfig, FilteredGRPOTrainer
     from filtered_rl.synthetic.countdown_verifier import CountdownVerifier
 
     torch.set_num_threads(args.threads)
-    model = args.model or str(load_or_pretrain(size="nano", seed=0))
     dataset = make_countdown_dataset(64, 0, seed=0)["train"]
     reward = CountdownVerifier()
-    runs = {
-        "grpo": (GRPOTrainer, GRPOConfig, dict(beta=args.kl_beta)),
-        "filtered": (FilteredGRPOTrainer, FilteredGRPOConfig, dict(divergence="forward_kl")),
-    }
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    lengths: dict[str, list[float]] = {name: [] for name in runs}
     started = time.time()
     with tempfile.TemporaryDirectory() as workdir:
-        for _ in range(args.rounds):
-            for name, (trainer_cls, config_cls, extra) in runs.items():
-                t, lens = step_times(
-                    trainer_cls,
-                    config_cls,
-                    model,
-                    dataset,
-                    reward,
-                    args.steps,
-                    str(Path(workdir) / name),
-                    **extra,
+        shapes = []
+        for name in args.shapes.split(","):
+            if name == "nano":
+                if args.nano_model is None:
+                    from filtered_rl.synthetic.base_model import load_or_pretrain
+
+                    args.nano_model = str(load_or_pretrain(size="nano", seed=0))
+                shapes.append(
+                    (
+                        Shape(
+                            "nano", args.nano_model, 4, 8, 24, about=f"pretrained nano ({args.nano_model})"
+                        ),
+                        args.steps,
+                        args.rounds,
+                    )
                 )
-                times[name] += t
-                lengths[name] += lens
-    grpo, filtered = statistics.median(times["grpo"]), statistics.median(times["filtered"])
-    print(
-        f"model: {model}  threads: {args.threads}  batch: 32 completions (4 prompts x 8), max 24 new tokens"
-    )
-    print(f"same completions in both: {lengths['grpo'] == lengths['filtered']}")
-    print(f"GRPOTrainer(beta={args.kl_beta}) step: median {grpo:.3f} s over {len(times['grpo'])} steps")
-    print(f"FilteredGRPOTrainer          step: median {filtered:.3f} s over {len(times['filtered'])} steps")
-    print(f"ratio filtered / grpo: {filtered / grpo:.3f}   (total {time.time() - started:.0f} s)")
+            elif name == "small":
+                eos = build_tokenizer().eos_token_id
+                shape = Shape(
+                    "small",
+                    small_model(Path(workdir) / "small-model"),
+                    args.small_prompts,
+                    args.small_generations,
+                    args.small_tokens,
+                    generation_kwargs={"suppress_tokens": [eos]},  # every completion runs to the limit
+                    about=f"random 'small' Qwen2 (25 M), {args.small_tokens} tokens forced (EOS suppressed)",
+                )
+                shapes.append((shape, args.small_steps, args.small_rounds))
+            else:
+                parser.error(f"unknown shape {name!r} (nano, small)")
+        for shape, steps, rounds in shapes:
+            runs = {name: Run() for name in ("grpo", "filtered-forward", "filtered")}
+            for _ in range(rounds):
+                for name, total in runs.items():
+                    run = run_once(
+                        name, shape, dataset, reward, steps, str(Path(workdir) / name), args.kl_beta
+                    )
+                    total.step_wall += run.step_wall
+                    total.step_cpu += run.step_cpu
+                    total.lengths += run.lengths
+                    for part, values in run.parts.items():
+                        total.parts[part] += values
+            report(shape, runs, args.kl_beta)
+    print(f"\nthreads: {args.threads}   total {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

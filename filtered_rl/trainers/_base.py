@@ -35,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from filtered_rl.control import prompt_key
+from filtered_rl.trainers._logprobs import generate_capture_applies, record_generate_logprobs, sampling_logps
 
 TESTED_TRL = ">=1.16,<1.17"
 STATE_FILE = "filtered_rl_state.json"
@@ -190,6 +191,9 @@ class PostScoringTrainer(GRPOTrainer):
     # False: an objective that never reads log_ref (e.g. rehearsal on stored base samples) gets no reference
     # model built or run at beta=0; ScoredBatch.log_ref is then NaN.
     needs_reference_model = True
+    # False: always take log π_old from a no-grad forward of the policy when TRL has none, instead of recording
+    # the sampled tokens' log-probs during `generate` (see `filtered_rl.trainers._logprobs`). For comparison.
+    capture_sampling_logprobs = True
 
     def __init__(
         self, model: Any, reward_funcs: Any = None, args: PostScoringConfig | None = None, **kwargs: Any
@@ -266,6 +270,20 @@ class PostScoringTrainer(GRPOTrainer):
         self._replace_logged_advantages(advantages)
         return output
 
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
+        # Record the sampled tokens' log-probs during TRL's own `generate` call (no second forward later).
+        self._recorded_sampling_logps = None
+        if not generate_capture_applies(self, images, multimodal_fields):
+            return super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
+        with record_generate_logprobs(self) as recorder:
+            result = super()._generate_single_turn(
+                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
+            )
+        self._recorded_sampling_logps = recorder.per_token()
+        return result
+
     def _compute_loss(self, model, inputs):
         loss = super()._compute_loss(model, inputs)
         extra = self.extra_loss(model, inputs)
@@ -323,9 +341,9 @@ class PostScoringTrainer(GRPOTrainer):
 
     def _scored_batch(self, inputs, output, ref_logps, mode: str, group_size: int) -> ScoredBatch:
         mask = output["completion_mask"] * output.get("tool_mask", 1)  # tool outputs were not sampled
-        old_logps = output.get("old_per_token_logps")
-        if old_logps is None:  # TRL skips it when π_old is the current policy; objectives need it anyway
-            old_logps = per_token_logps(self, output, reference=False)
+        # TRL's sampling/old log-probs, else those recorded during generate, else a forward (see _logprobs)
+        recorded, self._recorded_sampling_logps = getattr(self, "_recorded_sampling_logps", None), None
+        log_pi_old, self.sampling_logps_source = sampling_logps(self, output, mask, recorded)
         gather = self.accelerator.gather
         rewards = self._gathered_rewards
         weights = self.reward_weights.to(rewards.device)
@@ -338,7 +356,7 @@ class PostScoringTrainer(GRPOTrainer):
             rewards_per_func=rewards,
             reward=(rewards * weights.unsqueeze(0)).nansum(dim=1).double(),
             valid=validity_from_rewards(rewards, self.reward_weights, self.args.validity_threshold),
-            log_pi_old=gather((old_logps.float() * mask).sum(dim=1)).double().to(rewards.device),
+            log_pi_old=gather(log_pi_old).double().to(rewards.device),
             log_ref=(
                 torch.full_like(rewards[:, 0], math.nan, dtype=torch.float64)
                 if ref_logps is None
