@@ -283,3 +283,35 @@ def test_with_a_vllm_backend_its_sampling_logprobs_are_log_pi_old(tiny_model_dir
     assert torch.allclose(total[1::2], torch.full_like(total[1::2], -1.5 - 0.75))
     assert torch.allclose(total[0::2], -0.5 - 0.25 + forward[0::2, 1], atol=1e-5)
     assert not torch.allclose(total, forward.sum(dim=1), atol=1e-2)  # not the forward's own answer
+
+
+def test_under_peft_the_record_is_taken_on_the_adapted_model(tiny_model_dir, tmp_path, spy):
+    """With LoRA the decoding loop runs in the base transformers model with the adapter active: the hook
+    sits there, and the record equals the forward of the adapted policy (lora_B is zero at init, so
+    train one step first to make the adapter matter for the second generation)."""
+    from _tiny_model import has_digit
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    args = FilteredGRPOConfig(
+        output_dir=str(tmp_path / "out"),
+        max_completion_length=8,
+        num_generations=4,
+        per_device_train_batch_size=8,
+        max_steps=2,
+        learning_rate=0.5,
+        temperature=0.8,
+        seed=0,
+        **CPU,
+    )
+    trainer = FilteredGRPOTrainer(
+        model=str(tiny_model_dir),
+        reward_funcs=has_digit,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": f"q{i}:", "answer": str(i)} for i in range(4)]),
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    trainer.train()
+    assert [call.source for call in spy] == ["generate", "generate"]
+    for call in spy:
+        assert torch.allclose(call.total, call.forward.sum(dim=1), atol=1e-4, rtol=1e-5)
