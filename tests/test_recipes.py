@@ -194,3 +194,50 @@ def test_evaluation_configs_become_valid_eval_flags(config: Path) -> None:
     assert args.dataset in {"countdown", "gsm8k"} and args.model == "some/model"
     assert args.num_samples == 8 and args.k == [1, 8]  # flags after the YAML win
     assert yaml_to_flags({"chat_template": False, "k": [1, 2]}) == ["--no-chat-template", "--k", "1", "2"]
+
+
+VLLM_CONFIGS = {
+    "gsm8k-qwen2.5-0.5b-vllm-colocate": "colocate",
+    "gsm8k-qwen2.5-0.5b-vllm-server": "server",
+}
+
+
+@pytest.mark.parametrize("name", sorted(VLLM_CONFIGS))
+@pytest.mark.parametrize("algorithm", ALGORITHMS.names())
+def test_vllm_configs_parse_with_trl_vllm_generation(name: str, algorithm: str) -> None:
+    """TRL's vLLM fields reach every algorithm's config through parse_recipe_args (what recipes/train.py runs).
+
+    TRL 1.16's GRPOConfig/RLOOConfig do not check that vllm is importable when parsed (only the trainer
+    does, when built), so nothing is patched: no model and no vllm (absent here) are loaded.
+    """
+    mode = VLLM_CONFIGS[name]
+    _, (_, training_args, model_args, *_) = parse_recipe_args(
+        ["--config", str(ROOT / "recipes" / "configs" / f"{name}.yaml"), "--algorithm", algorithm, *CPU_FLAGS]
+    )
+    assert isinstance(training_args, ALGORITHMS[algorithm].config_class)
+    assert model_args.model_name_or_path == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert training_args.use_vllm is True and training_args.vllm_mode == mode
+    if mode == "colocate":
+        assert training_args.vllm_gpu_memory_utilization == 0.3
+        assert training_args.vllm_tensor_parallel_size == 1
+    else:
+        assert training_args.vllm_server_base_url is None  # host + port are used
+        assert training_args.vllm_server_host == "127.0.0.1" and training_args.vllm_server_port == 8000
+    # left at TRL's default (on); RLOOConfig has no such field in TRL 1.16
+    assert getattr(training_args, "vllm_importance_sampling_correction", True) is True
+
+
+def test_multi_node_accelerate_config_is_two_nodes_of_eight() -> None:
+    import yaml
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    path = ROOT / "accelerate_configs" / "multi_node.yaml"
+    raw = yaml.safe_load(path.read_text())
+    assert raw["num_machines"] == 2 and raw["machine_rank"] == 0
+    assert raw["num_processes"] == 16  # accelerate's convention: the total over all machines
+    assert raw["main_process_ip"] and isinstance(raw["main_process_port"], int)
+    assert DistributedType(raw["distributed_type"]) is DistributedType.MULTI_GPU
+    loaded = load_config_from_file(str(path))  # what `accelerate launch --config_file` reads
+    assert loaded.distributed_type is DistributedType.MULTI_GPU
+    assert (loaded.num_machines, loaded.num_processes) == (2, 16)
