@@ -59,6 +59,7 @@ class Run:
     step_cpu: list[float] = field(default_factory=list)
     parts: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     lengths: list[float] = field(default_factory=list)
+    round_medians: list[float] = field(default_factory=list)  # median step wall time of each round
 
 
 class StepTimer(TrainerCallback):
@@ -192,6 +193,8 @@ def report(shape: Shape, runs: dict[str, Run], kl_beta: float) -> None:
         wall = median(run.step_wall) / median(grpo.step_wall)
         cpu = median(run.step_cpu) / median(grpo.step_cpu)
         print(f"   ratio {name} / grpo: wall {wall:.3f}  cpu {cpu:.3f}   ({len(run.step_wall)} steps each)")
+        rounds = [a / b for a, b in zip(run.round_medians, grpo.round_medians, strict=True)]
+        print(f"      per round (wall): {', '.join(f'{r:.3f}' for r in rounds)}")
 
 
 def main() -> None:
@@ -262,6 +265,7 @@ def main() -> None:
                         name, shape, dataset, reward, steps, str(Path(workdir) / name), args.kl_beta
                     )
                     total.step_wall += run.step_wall
+                    total.round_medians.append(median(run.step_wall))
                     total.step_cpu += run.step_cpu
                     total.lengths += run.lengths
                     for part, values in run.parts.items():

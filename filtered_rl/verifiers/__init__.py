@@ -7,7 +7,7 @@ helper processes, so a pathological answer cannot hang the trainer. `make_verifi
 one by its name in `VERIFIERS`.
 """
 
-from ._registry import VERIFIERS, make_verifier
+from ._registry import VERIFIERS, make_verifier, register_verifier
 from .base import BinaryVerifier, completion_to_text
 from .code import CodeVerifier, extract_code
 from .math import MathVerifier, extract_gold, extract_prediction, verify_math
@@ -26,6 +26,7 @@ __all__ = [
     "extract_gold",
     "extract_prediction",
     "make_verifier",
+    "register_verifier",
     "run_code",
     "verify_math",
 ]

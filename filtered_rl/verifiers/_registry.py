@@ -1,13 +1,13 @@
-"""The verifier registry: name -> factory, so that tasks, recipes and CLIs name a verifier ("math").
+"""The verifier registry: name -> verifier class, so that tasks, recipes and CLIs name a verifier ("math").
 
-An entry is a factory that imports its class only when called, so that naming one verifier never loads
-another's dependencies. Adding a verifier is one module with a `BinaryVerifier` subclass plus one
-`VERIFIERS.register` line here.
+A verifier module registers its class where it is defined (`@register_verifier("math")`), and the
+registry imports every public module of this package on its first lookup, so adding a verifier is one
+module and nothing else. The modules are light to import: heavy dependencies (math-verify, sympy) load
+only in the helper processes that do the work.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -15,23 +15,12 @@ from filtered_rl.registry import Registry
 
 from .base import BinaryVerifier
 
-Factory = Callable[..., BinaryVerifier]
-
-VERIFIERS: Registry[Factory] = Registry("verifier")
+VERIFIERS: Registry[Callable[..., BinaryVerifier]] = Registry("verifier", discover="filtered_rl.verifiers")
 
 
-def lazy(module: str, name: str) -> Factory:
-    """A factory for class `name` of `module` (relative to this package), imported on the first call."""
-
-    def make(**options: Any) -> BinaryVerifier:
-        return getattr(importlib.import_module(module, __package__), name)(**options)
-
-    make.__qualname__ = make.__name__ = f"make_{name}"
-    return make
-
-
-VERIFIERS.register("math", lazy(".math", "MathVerifier"))
-VERIFIERS.register("code", lazy(".code", "CodeVerifier"))
+def register_verifier(name: str) -> Callable[[type[BinaryVerifier]], type[BinaryVerifier]]:
+    """Class decorator: make `name` build this verifier (`make_verifier`, `--verifier`, task YAMLs)."""
+    return VERIFIERS.register(name)
 
 
 def make_verifier(name: str, **options: Any) -> BinaryVerifier:

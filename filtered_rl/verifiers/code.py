@@ -24,6 +24,7 @@ import re
 from collections import Counter
 from typing import Any
 
+from ._registry import register_verifier
 from .base import BinaryVerifier, _rows, completion_to_text
 from .sandbox import ExecutionResult, SandboxLimits, SandboxPool, default_pool, run_code
 
@@ -121,6 +122,7 @@ def normalise_program(code: str) -> str | None:
     return ast.unparse(tree) or None
 
 
+@register_verifier("code")
 class CodeVerifier(BinaryVerifier):
     """Binary reward for code: 1.0 if the program passes its tests in the sandbox, else 0.0.
 

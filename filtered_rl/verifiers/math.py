@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from ._registry import register_verifier
 from .base import BinaryVerifier, completion_to_text
 from .pool import WorkerPool
 
@@ -274,6 +275,7 @@ def verify_math(completion: Any, gold: Any, gold_style: str = "auto", timeout: f
     return MathVerifier(gold_style=gold_style, timeout=timeout).verify(completion_to_text(completion), gold)
 
 
+@register_verifier("math")
 class MathVerifier(BinaryVerifier):
     """Binary reward for math: 1.0 if the completion's final answer equals the gold, else 0.0.
 
