@@ -105,7 +105,9 @@ def instrument(trainer: Any, timer: StepTimer) -> None:
     trainer.accelerator.backward = timed(lambda *a, **k: "backward", trainer.accelerator.backward)
 
 
-def run_once(variant: str, shape: Shape, dataset, reward, steps: int, workdir: str, kl_beta: float) -> Run:
+def run_once(
+    variant: str, shape: Shape, dataset, reward, steps: int, workdir: str, kl_beta: float, gpu: bool = False
+) -> Run:
     from trl import GRPOConfig, GRPOTrainer
 
     from filtered_rl.trainer import FilteredGRPOConfig, FilteredGRPOTrainer
@@ -121,8 +123,8 @@ def run_once(variant: str, shape: Shape, dataset, reward, steps: int, workdir: s
     batch = shape.prompts * shape.generations
     args = config_cls(
         output_dir=workdir,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=not gpu,
+        bf16=gpu,  # on a GPU: bf16, as the GPU recipes train
         report_to=[],
         save_strategy="no",
         disable_tqdm=True,
@@ -211,12 +213,15 @@ def main() -> None:
     parser.add_argument("--small-prompts", type=int, default=2, help="prompts per step, small")
     parser.add_argument("--small-generations", type=int, default=4, help="completions per prompt, small")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--gpu", action="store_true", help="train on the GPU in bf16 (default: CPU, fp32)")
     parser.add_argument(
         "--kl-beta", type=float, default=0.04, help="GRPO's KL coefficient (> 0: runs the reference)"
     )
     args = parser.parse_args()
 
     import torch
+    import transformers
+    import trl
 
     from filtered_rl.synthetic.base_model import build_tokenizer
     from filtered_rl.synthetic.countdown import make_countdown_dataset
@@ -262,7 +267,7 @@ def main() -> None:
             for _ in range(rounds):
                 for name, total in runs.items():
                     run = run_once(
-                        name, shape, dataset, reward, steps, str(Path(workdir) / name), args.kl_beta
+                        name, shape, dataset, reward, steps, str(Path(workdir) / name), args.kl_beta, args.gpu
                     )
                     total.step_wall += run.step_wall
                     total.round_medians.append(median(run.step_wall))
@@ -271,7 +276,9 @@ def main() -> None:
                     for part, values in run.parts.items():
                         total.parts[part] += values
             report(shape, runs, args.kl_beta)
-    print(f"\nthreads: {args.threads}   total {time.time() - started:.0f} s")
+    device = torch.cuda.get_device_name() if args.gpu else f"CPU, {args.threads} threads"
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+    print(f"\n{device}; {versions}; total {time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":
