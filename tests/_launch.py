@@ -1,4 +1,5 @@
-"""Run a multi-process launch (accelerate / torchrun) from a test, bounded in time, on a free port.
+"""Process helpers for tests: run a multi-process launch (accelerate / torchrun) bounded in time, on a
+free port; check whether a process is still alive.
 
 The launch gets its own session, so that on timeout the launcher *and* its worker processes are killed:
 `subprocess.run(timeout=...)` kills only the launcher and leaves a hung worker running after the test.
@@ -12,6 +13,15 @@ import socket
 import subprocess
 
 import pytest
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (for tests that check nothing outlives a call)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
 
 
 def free_port() -> int:

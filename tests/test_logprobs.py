@@ -174,7 +174,7 @@ def test_no_source_runs_the_forward(fake_forward):
 # ------------------------------------------------------------------ the trainer, end to end
 
 
-def make_trainer(tiny_model_dir: Path, tmp_path: Path, **overrides) -> FilteredGRPOTrainer:
+def make_trainer(tiny_model_dir: Path, tmp_path: Path, peft_config=None, **overrides) -> FilteredGRPOTrainer:
     from _tiny_model import has_digit
     from datasets import Dataset
 
@@ -196,6 +196,7 @@ def make_trainer(tiny_model_dir: Path, tmp_path: Path, **overrides) -> FilteredG
         reward_funcs=has_digit,
         args=FilteredGRPOConfig(**values),
         train_dataset=Dataset.from_list(rows),
+        peft_config=peft_config,
     )
 
 
@@ -289,28 +290,10 @@ def test_under_peft_the_record_is_taken_on_the_adapted_model(tiny_model_dir, tmp
     """With LoRA the decoding loop runs in the base transformers model with the adapter active: the hook
     sits there, and the record equals the forward of the adapted policy (lora_B is zero at init, so
     train one step first to make the adapter matter for the second generation)."""
-    from _tiny_model import has_digit
-    from datasets import Dataset
     from peft import LoraConfig
 
-    args = FilteredGRPOConfig(
-        output_dir=str(tmp_path / "out"),
-        max_completion_length=8,
-        num_generations=4,
-        per_device_train_batch_size=8,
-        max_steps=2,
-        learning_rate=0.5,
-        temperature=0.8,
-        seed=0,
-        **CPU,
-    )
-    trainer = FilteredGRPOTrainer(
-        model=str(tiny_model_dir),
-        reward_funcs=has_digit,
-        args=args,
-        train_dataset=Dataset.from_list([{"prompt": f"q{i}:", "answer": str(i)} for i in range(4)]),
-        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    )
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    trainer = make_trainer(tiny_model_dir, tmp_path, peft_config=lora, learning_rate=0.5)
     trainer.train()
     assert [call.source for call in spy] == ["generate", "generate"]
     for call in spy:

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from _launch import alive
 
 import filtered_rl.verifiers.math as math_module
 from filtered_rl.verifiers.math import MathVerifier, extract_gold, extract_prediction, verify_math
@@ -51,14 +52,6 @@ def counted_requests():
         yield sent
     finally:
         WorkerPool.map = original
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 def load_jsonl(relative: str) -> list[dict]:

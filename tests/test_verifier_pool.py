@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from _launch import alive
 
 from filtered_rl.verifiers.pool import WorkerPool
 
@@ -31,14 +32,6 @@ if os.environ.get("FRL_TEST_CRASH_AT_START"):
 if die_with_parent(int(sys.argv[-1])):
     serve(handle, {"ready": True, "pid": os.getpid()}, lambda exc: {"error": type(exc).__name__})
 """
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except OSError:
-        return False
 
 
 @pytest.fixture
