@@ -1,5 +1,6 @@
 # One virtual environment, installed from pyproject.toml.
-# TORCH is unpinned for users; CI passes TORCH=torch==2.13.0 (a local CPU wheel).
+# TORCH is unpinned for users; CI (.ci/run) runs plain `make test` (unpinned) and then, in a second venv
+# (VENV=.cache/venv-torch-2.13.0), the default and slow suites with TORCH=torch==2.13.0 (a local CPU wheel).
 PYTHON ?= python3
 TORCH ?= torch
 VENV ?= .venv

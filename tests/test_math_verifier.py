@@ -221,12 +221,10 @@ def test_a_verdict_is_computed_once_per_completion_and_gold():
     with counted_requests() as sent:
         assert verifier(prompts=["q"] * 4, completions=batch, answer=["#### 5"] * 4) == [0.0, 1.0, 0.0, 0.0]
         assert sorted(sent) == sorted({HUGE, r"\boxed{5}", r"\boxed{6}"})
-        started = time.monotonic()
         assert [verifier.answer_key(text, row) for text in batch] == [None, "5", None, "6"]
         assert verifier.answer_keys(batch) == [None, "5", None, "6"]
         assert verifier.score(HUGE, "#### 5", row) == 0.0 and not verifier.verify(HUGE, "#### 5")
-        assert time.monotonic() - started < 1.0
-        assert len(sent) == 3, sent
+        assert len(sent) == 3, sent  # nothing was judged again (the request count, not a clock)
         assert verifier(prompts=["q"], completions=[HUGE], answer=["#### 7"]) == [0.0]  # another gold
         assert len(sent) == 4
 
