@@ -309,3 +309,43 @@ def test_a_killed_zygote_costs_one_job_and_the_pool_recovers():
         assert pool.worker_pids() != worker and pool.zygote_pids() != zygote
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("parent_mode", [0o700, 0o755], ids=["private-parent", "open-parent"])
+def test_a_checkout_and_venv_under_tmp_still_run_programs(parent_mode):
+    """The private /tmp is a fresh tmpfs: a project or virtual environment living below /tmp (a CI clone
+    in /tmp/x, pytest's 0700 /tmp/pytest-of-root/...) must stay reachable, read-only, for the worker,
+    its zygote and the programs. Both layouts once failed every job (the zygote could not be exec'd)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="filtered-rl-sandbox-"))
+    try:
+        base.chmod(parent_mode)
+        repo = Path(__file__).resolve().parents[1]
+        checkout = base / "checkout"
+        shutil.copytree(
+            repo / "filtered_rl", checkout / "filtered_rl", ignore=shutil.ignore_patterns("__pycache__")
+        )
+        venv = base / "venv"
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+        script = (
+            "from filtered_rl.verifiers.sandbox import SandboxPool\n"
+            "pool = SandboxPool(1)\n"
+            "print(pool.run('def add(a, b):\\n    return a + b', 'assert add(2, 3) == 5').status)\n"
+            "print(pool.run('import fractions\\nx = fractions.Fraction(1, 2)', 'assert x * 2 == 1').status)\n"
+            "pool.close()\n"
+        )
+        done = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", script],
+            capture_output=True,
+            text=True,
+            cwd=base,
+            env={**os.environ, "PYTHONPATH": str(checkout)},
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.split() == ["passed", "passed"], done.stdout + done.stderr[-2000:]
+    finally:
+        shutil.rmtree(base)

@@ -76,6 +76,12 @@ def python_paths() -> list[str]:
     return sorted(paths)
 
 
+def worker_paths() -> list[str]:
+    """What the worker and its zygote must still reach inside the mount namespace: the interpreter's
+    paths and this package's directory (the zygote is exec'd from it; `-I` keeps it off sys.path)."""
+    return sorted({*python_paths(), os.path.dirname(os.path.abspath(__file__))})
+
+
 def _blocked_ancestors(paths: list[str], uid: int) -> dict[str, set[str]]:
     """Directories on the way to `paths` that others cannot traverse -> the child names needed below them."""
     blocked: dict[str, set[str]] = {}
@@ -98,7 +104,7 @@ def _mount_private_tmpfs(path: str, options: str) -> bool:
     O_PATH descriptor before the tmpfs goes on, then bind-mounted back read-only through
     /proc/self/fd: the program sees those directories (read-only) and an otherwise empty `path`.
     """
-    needed = {*python_paths(), os.path.dirname(os.path.abspath(__file__))}
+    needed = worker_paths()
     prefix = path.rstrip("/") + "/"
     children = sorted({p[len(prefix) :].split("/", 1)[0] for p in needed if p.startswith(prefix)} - {""})
     fds = {child: os.open(prefix + child, os.O_PATH | os.O_DIRECTORY) for child in children}
@@ -125,7 +131,7 @@ def _expose_python(uid: int) -> str:
     a traversable tmpfs holding only the needed subdirectories, moved back in as bind mounts.
     """
     for _ in range(8):  # nested private directories: one level per round
-        blocked = _blocked_ancestors(python_paths(), uid)
+        blocked = _blocked_ancestors(worker_paths(), uid)
         if not blocked:
             return ""
         for ancestor, children in blocked.items():
@@ -243,8 +249,11 @@ class Isolation:
         self.pid_namespace = namespaces and probe(self.fresh_pid_namespace)
 
     def _setup_mounts(self, tmpfs_bytes: int) -> None:
-        # A scratch tmpfs for _expose_python's bind mounts, later covered by the real private /tmp.
-        _mount_private_tmpfs("/tmp", "size=1m,mode=0700")
+        # A scratch tmpfs for _expose_python's bind mounts, later covered by the real private /tmp. It must
+        # stay traversable (0711): with 0700, a checkout or venv under /tmp would make /tmp itself a
+        # "blocked ancestor" that _expose_python covers, hiding the stash it works from (the zygote's
+        # interpreter then vanished: FileNotFoundError at exec, every job failed).
+        _mount_private_tmpfs("/tmp", "size=1m,mode=0711")
         if self.uid is not None:
             failed = _expose_python(self.uid)
             if failed:
