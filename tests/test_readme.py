@@ -49,6 +49,8 @@ def test_the_readme_has_python_blocks_and_every_expectation_meets_one():
     assert len(blocks) >= 6
     for marker in EXPECTED_OUTPUT:
         assert any(marker in block for block in blocks), f"no README block contains {marker!r}"
+    leftovers = re.findall(r"^[A-Z][A-Z0-9_]{5,}$", README.read_text(encoding="utf-8"), re.M)
+    assert not leftovers, f"unfilled placeholders in the README: {leftovers}"
 
 
 @pytest.mark.parametrize("index", range(len(readme_blocks())))
