@@ -101,3 +101,23 @@ def test_tiny_frontier_on_the_second_task(tmp_path: Path) -> None:
         0.0, abs=1e-6
     )  # the base model is its own p*'s proportions
     assert (tmp_path / "out" / "eval" / "base-seed0" / "exact.json").exists()
+
+
+def test_base_model_flag_takes_a_model_directory_and_refuses_anything_else(tmp_path: Path, capsys) -> None:
+    """`--base-model DIR` runs the study on another base (e.g. one pretrained longer); a path without a
+    model is a usage error naming the flag, before anything is pretrained or trained."""
+    import argparse
+
+    from filtered_rl.cli import main
+    from filtered_rl.synthetic.frontier import add_arguments
+
+    (tmp_path / "not-a-model").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        main(["frontier", "--base-model", str(tmp_path / "not-a-model"), "--output-dir", str(tmp_path / "o")])
+    assert stop.value.code == 2
+    assert "--base-model" in capsys.readouterr().err and not (tmp_path / "o").exists()
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args(["--base-model", str(tmp_path / "model")]).base_model == tmp_path / "model"

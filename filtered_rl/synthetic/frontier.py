@@ -499,6 +499,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="synthetic task of the base model and prompts (default: the preset's, countdown)",
     )
+    parser.add_argument(
+        "--base-model",
+        type=_model_dir,
+        default=None,
+        help="a base model directory for that task, e.g. one from `filtered-rl pretrain --steps N "
+        "--output-dir DIR` (default: the task's cached nano base model, pretrained if absent)",
+    )
+
+
+def _model_dir(text: str) -> Path:
+    path = Path(text)
+    if not (path / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a model directory (no config.json in it)")
+    return path
 
 
 def _arm_list(text: str) -> list[str]:
@@ -518,6 +532,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         arms=getattr(args, "arms", None),
         task=getattr(args, "task", None),
+        base_model=getattr(args, "base_model", None),
     )
     print(format_table(aggregate(rows)))
     print(
