@@ -272,16 +272,12 @@ class PostScoringTrainer(GRPOTrainer):
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs):
         # Record the sampled tokens' log-probs during TRL's own `generate` call (no second forward later).
-        self._recorded_sampling_logps = None
-        if not generate_capture_applies(self, images, multimodal_fields):
-            return super()._generate_single_turn(
-                prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
-            )
-        with record_generate_logprobs(self) as recorder:
+        capture = generate_capture_applies(self, images, multimodal_fields)
+        with record_generate_logprobs(self) if capture else nullcontext() as recorder:
             result = super()._generate_single_turn(
                 prompt_ids, images, multimodal_fields, num_generations, *args, **kwargs
             )
-        self._recorded_sampling_logps = recorder.per_token()
+        self._recorded_sampling_logps = recorder.per_token() if capture else None
         return result
 
     def _compute_loss(self, model, inputs):
