@@ -121,3 +121,32 @@ def test_base_model_flag_takes_a_model_directory_and_refuses_anything_else(tmp_p
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert parser.parse_args(["--base-model", str(tmp_path / "model")]).base_model == tmp_path / "model"
+
+
+def test_study_arms_run_the_curve_the_exact_partition_and_write_the_study(tmp_path: Path) -> None:
+    """A tiny subset_sum study: exact metrics during training (steps 0 and max), the exact-A(x) remedy's
+    column equal to the base model's exact validity of each training prompt, and study.md with every family."""
+    from filtered_rl.synthetic.base_model import load_or_pretrain
+    from filtered_rl.synthetic.exact_curve import CURVE_FILE, read_curve
+    from filtered_rl.synthetic.frontier import ARMS
+
+    base = load_or_pretrain("nano", seed=0, cache_dir=tmp_path / "base", task="subset_sum", progress=False,
+                            steps=4, batch_size=8, corpus_prompts=16, warmup_steps=1)  # fmt: skip
+    column_arm = ARMS[slug("filtered forward KL, exact A(x)")]
+    preset = Preset("nano", (ARMS["grpo-beta-0"], column_arm), steps=2, train_prompts=8, num_generations=4,
+                    batch_size=4, learning_rate=1e-4, eval_prompts=3, eval_samples=4, task="subset_sum",
+                    max_completion_length=32, curve_points=2)  # fmt: skip
+    out = tmp_path / "out"
+    run_frontier(preset, out, [0], threads=1, base_model=base)
+    curve = read_curve(out / "train" / "grpo-beta-0-seed0" / CURVE_FILE)
+    assert [p["step"] for p in curve] == [0, 1, 2]
+    base_exact = json.loads((out / "eval" / "base-seed0" / "exact.json").read_text())
+    assert curve[0]["validity"] == pytest.approx(base_exact["validity"], rel=1e-4)  # step 0 is the base model
+    assert len(base_exact["per_prompt"]) == base_exact["num_prompts"]
+    (column,) = out.joinpath("train").glob("base_validity-seed0-*.json")
+    values = json.loads(column.read_text())
+    assert len(values) == 8 and all(0 < v <= 1 for v in values)
+    study = (out / "study.md").read_text()
+    assert "GRPO + KL" in study and "filtered + remedies" in study and "matched pass@1" in study
+    assert (out / "study_frontier.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "study_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -40,6 +40,11 @@ class RunSpec:
     options: dict[str, Any] = field(default_factory=dict)  # config fields: beta, divergence, alpha, ...
     target_validity: float | None = None  # grpo/rloo only: the β-from-μ controller
     rehearsal_min_correct: int | None = None  # dph only (None: all 8, the paper's split)
+    family: str | None = None  # the method family whose frontier this run is a point of (None: algorithm)
+
+    @property
+    def family_name(self) -> str:
+        return self.family or self.algorithm
 
 
 @dataclass
@@ -58,6 +63,8 @@ class Preset:
     max_completion_length: int = 24
     task: str = "countdown"  # a registered synthetic task (filtered_rl.synthetic.tasks)
     exact: bool = True  # also exact metrics by teacher forcing, where the task enumerates its valid answers
+    base_steps: int | None = None  # pretraining steps of the base model (None: the task's default)
+    curve_points: int = 10  # exact metrics this many times during training (exact tasks only; 0: none)
 
 
 GRPO_SMALL_BETA = RunSpec("grpo β=0.01", "grpo", {"beta": 0.01})
@@ -95,6 +102,32 @@ SWEEP = (
     FILTERED_JS,
 )
 
+# The study on subset_sum (docs/results.md §4): every family at the knob settings below, families named for
+# the frontier plots. GRPO's β = 0 is the collapse-prone end; RLOO and the tilted target are exact KL-control.
+KL_GRPO, KL_RLOO, KL_TILTED = "GRPO + KL", "RLOO + KL", "tilted target p_β"
+FILTERED, REMEDIES = "filtered (f-DPG → p*)", "filtered + remedies"
+GRPO_BETA_0 = RunSpec("grpo β=0", "grpo", {"beta": 0.0})
+STUDY_ARMS = (
+    replace(GRPO_BETA_0, family=KL_GRPO),
+    replace(GRPO_BETA_004, family=KL_GRPO),
+    replace(GRPO_BETA_02, family=KL_GRPO),
+    RunSpec("rloo β=0.04", "rloo", {"beta": 0.04}, family=KL_RLOO),
+    replace(RLOO_MU_08, family=KL_RLOO),
+    replace(TILTED_MU_08, family=KL_TILTED),
+    replace(FILTERED_FKL, family=FILTERED),
+    replace(FILTERED_ALPHA[0.5], family=FILTERED),
+    replace(FILTERED_ALPHA[0.9], family=FILTERED),
+    replace(FILTERED_JS, family=FILTERED),
+    # The issue's remedies for the filtered objective's weak points (slow validity, noisy weights):
+    RunSpec("filtered forward KL, exact A(x)", "filtered",  # p*'s normaliser measured offline, not per group
+            {"divergence": "forward_kl", "partition_estimate": "column"}, family=REMEDIES),
+    RunSpec("filtered α 0.9→0", "filtered",  # mode-seeking early for validity, mass-covering late
+            {"divergence": "alpha", "alpha": 0.9, "alpha_end": 0.0}, family=REMEDIES),
+    RunSpec("filtered forward KL, ratio clip 2", "filtered",  # p*/π (forward KL's pseudo-reward) clipped at 2
+            {"divergence": "forward_kl", "pseudo_reward_clip": 2.0}, family=REMEDIES),
+    MARA, UNLIKELINESS, PASSK, INVERSE_SUCCESS,
+)  # fmt: skip
+
 _CPU = Preset(
     "nano",
     SWEEP,
@@ -113,6 +146,10 @@ PRESETS: dict[str, Preset] = {
     # Four times the budget for the moderate-β GRPO runs and two filtered ones: where do they go with training?
     "cpu-long": replace(_CPU, runs=(GRPO_BETA_004, GRPO_BETA_02, GRPO_MU_08, FILTERED_FKL, FILTERED_ALPHA[0.5]),
                         steps=600),
+    # The decisive testbed: subset_sum's base pretrained 3x longer (A(x) spread over 1e-3 … 0.16, exact pass@256
+    # 0.68), every family, 300 steps. ≈ 1.8 min a run on one core; run seeds as parallel processes.
+    "subset-cpu": replace(_CPU, runs=STUDY_ARMS, task="subset_sum", max_completion_length=32, base_steps=3600,
+                          steps=300),
     "gpu": Preset("small", SWEEP, steps=200, train_prompts=20000, num_generations=16, batch_size=256,
                   learning_rate=5e-5, eval_prompts=200, eval_samples=64, max_completion_length=32),
 }  # fmt: skip
@@ -127,7 +164,7 @@ def slug(name: str) -> str:
 ARMS: dict[str, RunSpec] = {
     "mara": MARA, "dph": DPH_FKL, "unlikeliness": UNLIKELINESS, "passk": PASSK,
     "inverse-success": INVERSE_SUCCESS, "rloo": RLOO_MU_08, "tilted": TILTED_MU_08,
-    **{slug(spec.name): spec for spec in (*SWEEP, *BASELINES)},
+    **{slug(spec.name): spec for spec in (*SWEEP, *BASELINES, *STUDY_ARMS)},
 }  # fmt: skip
 
 
@@ -206,11 +243,19 @@ def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset,
         **spec.options,
     )
     task = load_task(preset.task, split="train", seed=seed, task_options={"num_train": preset.train_prompts})
+    dataset = task.dataset
+    if spec.options.get("partition_estimate") == "column":
+        dataset = dataset.add_column(
+            args.base_validity_column, exact_base_validity(task, base_model, output_dir.parent, seed)
+        )
     trainer = trainer_class(
-        model=str(base_model), reward_funcs=task.verifier, args=args, train_dataset=task.dataset
+        model=str(base_model), reward_funcs=task.verifier, args=args, train_dataset=dataset
     )
     if spec.target_validity is not None:
         BetaFromValidityCallback(target_validity=spec.target_validity).attach(trainer)
+    curve = exact_curve_callback(base_model, output_dir, preset, seed)
+    if curve is not None:
+        trainer.add_callback(curve)
     # One bar per run on the console, every logged dict in train_log.jsonl instead of on the screen.
     attach_console_progress(
         trainer, desc=f"{spec.name} (seed {seed})", log_file=output_dir / "train_log.jsonl"
@@ -223,6 +268,62 @@ def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset,
     (output_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     (final / "train_minutes.json").write_text(json.dumps((time.perf_counter() - start) / 60))
     return final
+
+
+def exact_base_validity(task: Any, base_model: Path, cache_dir: Path, seed: int) -> list[float]:
+    """A(x) of every training prompt, exactly (teacher forcing over its valid answers), for the filtered
+    objective's partition_estimate='column': the normaliser of p* measured offline instead of estimated
+    from each group. Cached (atomically) per seed in `cache_dir`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from filtered_rl.evaluation.exact import exact_evaluation
+    from filtered_rl.evaluation.outputs import atomic_write_text
+    from filtered_rl.synthetic.console import quiet_libraries
+
+    path = cache_dir / f"base_validity-seed{seed}-{len(task.dataset)}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    rows = task.dataset.to_list()
+    answers = [task.valid_answers(row) for row in rows]
+    if any(not a for a in answers):
+        raise ValueError(
+            f"partition_estimate='column' on {task.name!r} needs every training prompt's valid answers "
+            "enumerated (the task's valid_answers); use partition_estimate='running' for this task"
+        )
+    with quiet_libraries():
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        model = AutoModelForCausalLM.from_pretrained(base_model)
+    result = exact_evaluation(model, model, tokenizer, [r["prompt"] for r in rows], answers, ks=(1,))
+    values = [float(row["base_validity"]) for row in result["per_prompt"]]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(values))
+    return values
+
+
+def exact_curve_callback(base_model: Path, output_dir: Path, preset: Preset, seed: int) -> Any | None:
+    """The callback measuring exact metrics on this seed's held-out prompts during training, or None when
+    the preset asks for no curve or the task cannot enumerate its valid answers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from filtered_rl.evaluation.runner import load_config_task
+    from filtered_rl.synthetic.console import quiet_libraries
+    from filtered_rl.synthetic.exact_curve import CURVE_FILE, ExactCurveCallback
+
+    if not (preset.exact and preset.curve_points > 0):
+        return None
+    task = load_config_task(_eval_config(base_model, base_model, output_dir, preset, seed))
+    rows = task.dataset.to_list()
+    answers = [task.valid_answers(row) for row in rows]
+    if not rows or any(a is None for a in answers):
+        return None
+    with quiet_libraries():
+        tokenizer = AutoTokenizer.from_pretrained(base_model)
+        base = AutoModelForCausalLM.from_pretrained(base_model)
+    every = max(1, preset.steps // preset.curve_points)
+    kept = [(r["prompt"], a) for r, a in zip(rows, answers, strict=True) if a]
+    return ExactCurveCallback(
+        base, tokenizer, [p for p, _ in kept], [a for _, a in kept], every, output_dir / CURVE_FILE
+    )
 
 
 def evaluate_model(model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> dict:
@@ -288,7 +389,7 @@ def exact_metrics(model: Path, base_model: Path, output_dir: Path, preset: Prese
     result = exact_evaluation(
         policy, base, tokenizer, [r["prompt"] for r in rows], [sorted(a) for a in answers], ks
     )
-    atomic_write_text(path, json.dumps(result["summary"], indent=1))
+    atomic_write_text(path, json.dumps({**result["summary"], "per_prompt": result["per_prompt"]}, indent=1))
     return json.loads(path.read_text())  # keys as JSON writes them (k as strings), also on the first call
 
 
@@ -343,12 +444,15 @@ def run_frontier(
     import torch
 
     from filtered_rl.synthetic.base_model import load_or_pretrain
+    from filtered_rl.synthetic.study import write_study
 
     if threads:
         torch.set_num_threads(threads)
     preset = select_task(select_arms(PRESETS[preset] if isinstance(preset, str) else preset, arms), task)
     output_dir.mkdir(parents=True, exist_ok=True)
-    base = base_model or load_or_pretrain(size=preset.base_size, seed=0, task=preset.task)
+    base = base_model or load_or_pretrain(
+        size=preset.base_size, seed=0, task=preset.task, steps=preset.base_steps
+    )
     rows = []
     for seed in seeds:
         summary = evaluate_model(base, base, output_dir / "eval" / f"base-seed{seed}", preset, seed)
@@ -372,6 +476,7 @@ def run_frontier(
     table = format_table(aggregate(rows))
     (output_dir / "results.md").write_text(table + "\n")
     plot_frontier(rows, output_dir)
+    write_study(output_dir, [(spec.name, slug(spec.name), spec.family_name) for spec in preset.runs], seeds)
     return rows
 
 

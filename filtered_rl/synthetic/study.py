@@ -1,0 +1,225 @@
+"""The study's answer from a frontier run: each method family's frontier, and families at matched pass@1.
+
+A family (GRPO+KL with β swept, the filtered objective with its divergence swept, MARA, ...) traces
+points (pass@1, diversity) as its knob moves. What a family can reach is the upper concave envelope of
+its points (`filtered_rl.evaluation.frontiers.upper_frontier`): mixing two trained models prompt by
+prompt reaches every point between them. The base model is every family's point too (any user can
+mix it in), so each frontier starts at the base model and families are compared where they overlap.
+
+Everything here reads what the frontier wrote, exact metrics only (`exact.json` per evaluation, with
+per-prompt values, and `exact_curve.jsonl` per run), so it runs again in seconds on finished runs:
+
+    filtered-rl frontier ... --output-dir DIR     # writes study.md, study_frontier.png, study_curves.png
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from filtered_rl.evaluation.frontiers import bootstrap_se, upper_frontier, value_at
+
+# (column, label, higher is better): the diversity axes of the study, each against exact pass@1.
+METRICS = (
+    ("pass@256", "exact pass@256", True),
+    ("coverage@256", "exact coverage@256 (p*-mass of distinct valid answers)", True),
+    ("kl_valid", "exact KL(p* ‖ π(·|valid))", False),
+)
+BASE = "base model"
+
+
+def per_prompt_values(exact: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Per-prompt exact pass@1, pass@256, coverage@256 and KL of one evaluation's `exact.json`."""
+    rows = exact["per_prompt"]
+    return {
+        "pass@1": np.array([r["validity"] for r in rows]),
+        "pass@256": np.array([r["pass_at_k"]["256"] for r in rows]),
+        "coverage@256": np.array([r["coverage_at_k"]["256"] for r in rows]),
+        "kl_valid": np.array([r["kl_pstar_policy_valid"] for r in rows]),
+    }
+
+
+def arm_points(evaluations: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One point per arm: the mean over seeds and prompts of each metric and its bootstrap standard error
+    (resampling seeds and prompts: `bootstrap_se`). `evaluations` maps an arm to its seeds' exact.json."""
+    points = []
+    for arm, seeds in evaluations.items():
+        values = [per_prompt_values(e) for e in seeds]
+        width = min(len(v["pass@1"]) for v in values)
+        point: dict[str, Any] = {"run": arm, "seeds": len(seeds)}
+        for key in ("pass@1", *(m for m, _, _ in METRICS)):
+            matrix = np.stack([v[key][:width] for v in values])
+            point[key] = float(matrix.mean())
+            point[f"{key}_se"] = bootstrap_se(matrix)
+        points.append(point)
+    return points
+
+
+def family_frontiers(
+    points: list[dict[str, Any]], families: dict[str, str]
+) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """For each family and metric, the upper frontier of (pass@1, metric) over its arms and the base model.
+    Lower-is-better metrics are negated for the envelope and returned in their own sign."""
+    base = next((p for p in points if p["run"] == BASE), None)
+    out: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for family in dict.fromkeys(families[p["run"]] for p in points if p["run"] != BASE):
+        members = [p for p in points if p["run"] != BASE and families[p["run"]] == family]
+        if base is not None:
+            members.append(base)
+        out[family] = {}
+        for metric, _, higher in METRICS:
+            sign = 1.0 if higher else -1.0
+            hull = upper_frontier([(p["pass@1"], sign * p[metric]) for p in members])
+            out[family][metric] = [(x, sign * y) for x, y in hull]
+    return out
+
+
+def matched_levels(points: list[dict[str, Any]], num: int = 4) -> list[float]:
+    """pass@1 levels to compare families at: evenly spaced from the base model's to the best arm's."""
+    base = next(p["pass@1"] for p in points if p["run"] == BASE)
+    top = max(p["pass@1"] for p in points)
+    if top <= base:
+        return [base]
+    return [float(x) for x in np.linspace(base, top, num + 1)[1:]]
+
+
+def matched_table(
+    frontiers: dict[str, dict[str, list[tuple[float, float]]]], levels: list[float], metric: str
+) -> str:
+    """Markdown: each family's frontier value of `metric` at each pass@1 level (– where it does not reach)."""
+    lines = [
+        f"| family | {' | '.join(f'pass@1 = {x:.3f}' for x in levels)} |",
+        "|---" * (len(levels) + 1) + "|",
+    ]
+    for family, by_metric in frontiers.items():
+        cells = []
+        for x in levels:
+            value = value_at(by_metric[metric], x)
+            cells.append("–" if value is None else f"{value:.3f}")
+        lines.append(f"| {family} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def points_table(points: list[dict[str, Any]], families: dict[str, str]) -> str:
+    keys = ("pass@1", *(m for m, _, _ in METRICS))
+    lines = [
+        "| run | family | seeds | " + " | ".join(f"exact {k}" for k in keys) + " |",
+        "|---" * (len(keys) + 3) + "|",
+    ]
+    for p in points:
+        cells = [f"{p[k]:.3f} ± {p[f'{k}_se']:.3f}" for k in keys]
+        family = families.get(p["run"], "–") if p["run"] != BASE else "–"
+        lines.append(f"| {p['run']} | {family} | {p['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_study(
+    points: list[dict[str, Any]],
+    frontiers: dict[str, dict[str, list[tuple[float, float]]]],
+    families: dict[str, str],
+    path: Path,
+) -> Path:
+    """pass@1 against each diversity metric: every arm (± bootstrap SE), each family's frontier, the base."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(frontiers)}
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(5.2 * len(METRICS), 4.4), dpi=120)
+    for ax, (metric, label, _) in zip(axes, METRICS, strict=True):
+        for p in points:
+            base = p["run"] == BASE
+            ax.errorbar(
+                p["pass@1"], p[metric], xerr=p["pass@1_se"], yerr=p[f"{metric}_se"],
+                fmt="*" if base else "o", markersize=13 if base else 5, capsize=2,
+                color="black" if base else colors[families[p["run"]]],
+            )  # fmt: skip
+        for family, by_metric in frontiers.items():
+            xs, ys = zip(*by_metric[metric], strict=True)
+            ax.plot(xs, ys, color=colors[family], label=family, linewidth=1.5)
+        ax.set_xlabel("exact pass@1 (held-out prompts)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], families: dict[str, str], path: Path) -> Path:
+    """Exact validity and coverage@256 against training step, per arm (mean over its seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    family_list = list(dict.fromkeys(families[a] for a in curves))
+    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(family_list)}
+    styles = ["-", "--", ":", "-."]
+    seen: dict[str, int] = {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120)
+    for arm, seeds in curves.items():
+        family = families[arm]
+        style = styles[seen.get(family, 0) % len(styles)]
+        seen[family] = seen.get(family, 0) + 1
+        steps = sorted(set.intersection(*({p["step"] for p in s} for s in seeds)))
+        for ax, key in zip(axes, ("validity", "coverage@256"), strict=True):
+            values = [np.mean([next(p[key] for p in s if p["step"] == t) for s in seeds]) for t in steps]
+            ax.plot(steps, values, style, color=colors[family], label=arm, linewidth=1.2)
+    axes[0].set_ylabel("exact validity (held-out)")
+    axes[1].set_ylabel("exact coverage@256")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_study(output_dir: Path, runs: list[tuple[str, str, str]], seeds: list[int]) -> Path | None:
+    """study.md and figures from a frontier's output directory. `runs` is (name, slug, family) per arm.
+    None when the task has no exact metrics (nothing to write)."""
+    from filtered_rl.evaluation.outputs import atomic_write_text
+    from filtered_rl.synthetic.exact_curve import CURVE_FILE, read_curve
+
+    families = {name: family for name, _, family in runs}
+    evaluations: dict[str, list[dict[str, Any]]] = {}
+    for name, slug, _ in [(BASE, "base", BASE), *runs]:
+        found = [output_dir / "eval" / f"{slug}-seed{s}" / "exact.json" for s in seeds]
+        exact = [json.loads(p.read_text()) for p in found if p.exists()]
+        if exact and all("per_prompt" in e for e in exact):
+            evaluations[name] = exact
+    if BASE not in evaluations or len(evaluations) < 2:
+        return None
+    points = arm_points(evaluations)
+    frontiers = family_frontiers(points, families)
+    levels = matched_levels(points)
+    curves = {}
+    for name, slug, _ in runs:
+        seed_curves = [read_curve(output_dir / "train" / f"{slug}-seed{s}" / CURVE_FILE) for s in seeds]
+        if seed_curves and all(seed_curves):
+            curves[name] = seed_curves
+    plot_study(points, frontiers, families, output_dir / "study_frontier.png")
+    if curves:
+        plot_curves(curves, families, output_dir / "study_curves.png")
+    sections = [
+        "# Frontier study (exact metrics, mean ± bootstrap SE over seeds and prompts)",
+        f"Seeds: {', '.join(map(str, seeds))}.",
+        points_table(points, families),
+    ]
+    for metric, label, higher in METRICS:
+        better = "higher" if higher else "lower"
+        sections += [
+            f"## {label} at matched pass@1 ({better} is better; each family's frontier includes the base model)",
+            matched_table(frontiers, levels, metric),
+        ]
+    path = output_dir / "study.md"
+    atomic_write_text(path, "\n\n".join(sections) + "\n")
+    return path
