@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_registry_finds_the_task_modules_and_names_them_on_a_miss():
-    assert {"countdown", "subset_sum"} <= set(TASKS)
+    assert {"countdown", "countdown_hard", "subset_sum"} <= set(TASKS)
     assert isinstance(TASKS["subset_sum"], SyntheticTask) and get_task("subset_sum") is TASKS["subset_sum"]
     assert get_task(TASKS["countdown"]) is TASKS["countdown"]
     with pytest.raises(ValueError, match="countdown.*subset_sum|subset_sum.*countdown") as error:
@@ -36,28 +36,33 @@ def test_registry_finds_the_task_modules_and_names_them_on_a_miss():
     assert isinstance(error.value, UnknownNameError) and "sudoku" in str(error.value)
 
 
-def test_every_registered_task_keeps_the_protocol():
+# Tasks whose prompt pool takes about a minute to enumerate (countdown_hard: 715 number sets, every
+# expression of each): their protocol check runs in the slow suite.
+SLOW_TASKS = {"countdown_hard"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_TASKS else n for n in TASKS]
+)
+def test_every_registered_task_keeps_the_protocol(name):
     """Each task's train/test prompts are disjoint, its verifier accepts the example and each listed
     answer, and `answer_key` of a valid answer is one of the enumerated answers."""
-    for name in TASKS:
-        task = get_task(name)
-        prompt, completion = task.example()
-        assert isinstance(prompt, str) and 0 < len(completion) <= task.max_completion_length
-        splits = task.make_dataset(8, 4, seed=1, with_solutions=True)
-        train, test = splits["train"], splits["test"]
-        assert len(train) == 8 and len(test) == 4
-        assert not set(train["prompt_id"]) & set(task.make_dataset(0, 20, seed=2)["test"]["prompt_id"])
-        assert {"prompt", "prompt_id", "num_solutions", task.verifier().gold_column} <= set(
-            train.column_names
-        )
-        for row in train.select(range(3)):
-            valid = task.enumerate_valid(row)
-            assert len(valid) == row["num_solutions"] > 0
-            answer = sorted(valid)[0]
-            assert task.is_valid(answer, row) and task.answer_key(answer, row) in valid
-            assert not task.is_valid("no answer", row)
-            rng = random.Random(0)
-            assert task.is_valid(task.corpus_completion(row, rng, valid=True), row)
+    task = get_task(name)
+    prompt, completion = task.example()
+    assert isinstance(prompt, str) and 0 < len(completion) <= task.max_completion_length
+    splits = task.make_dataset(8, 4, seed=1, with_solutions=True)
+    train, test = splits["train"], splits["test"]
+    assert len(train) == 8 and len(test) == 4
+    assert not set(train["prompt_id"]) & set(task.make_dataset(0, 20, seed=2)["test"]["prompt_id"])
+    assert {"prompt", "prompt_id", "num_solutions", task.verifier().gold_column} <= set(train.column_names)
+    for row in train.select(range(3)):
+        valid = task.enumerate_valid(row)
+        assert len(valid) == row["num_solutions"] > 0
+        answer = sorted(valid)[0]
+        assert task.is_valid(answer, row) and task.answer_key(answer, row) in valid
+        assert not task.is_valid("no answer", row)
+        rng = random.Random(0)
+        assert task.is_valid(task.corpus_completion(row, rng, valid=True), row)
 
 
 def test_unknown_task_options_are_named():
@@ -277,3 +282,17 @@ def test_a_new_task_is_one_file(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "one file is enough" in result.stdout
     assert (tmp_path / "model" / "config.json").exists()
+
+
+def test_countdown_hard_is_its_own_task_with_its_own_base_model():
+    """The harder countdown shares countdown's grammar and verifier but not its options or its cache key
+    (a base model of one is never taken for the other's)."""
+    from filtered_rl.synthetic.base_model import make_config
+
+    easy, hard = get_task("countdown"), get_task("countdown_hard")
+    assert hard.default_options["max_number"] > easy.default_options["max_number"]
+    assert hard.default_options["min_solutions"] >= 20 and hard.default_options["max_target"] == 64
+    row = {"numbers": [5, 4, 3, 2], "target": 9}
+    assert hard.is_valid("(3-2)*(5+4)", row) and not hard.is_valid("5+4+3", row)
+    keys = {make_config("nano", 0, task=name).cache_key() for name in ("countdown", "countdown_hard")}
+    assert len(keys) == 2 and any(key.startswith("countdown_hard-") for key in keys)

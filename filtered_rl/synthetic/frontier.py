@@ -9,6 +9,11 @@ curves and the coverage–precision plane (pass@1 against pass@n) with the base 
     filtered-rl frontier --preset gpu --seeds 0 1 2                  # the `small` model on one GPU
     filtered-rl frontier --preset cpu --arms mara,passk,grpo-beta-0-04  # any arms (ARMS), the preset's sizes
     filtered-rl frontier --preset cpu --task subset_sum                  # another synthetic task's base model
+    filtered-rl frontier --preset subset-cpu --seeds 0 1 2               # the study: every family, exact metrics
+
+With exact metrics (tasks that enumerate their valid answers) every run also records exact validity and
+coverage during training (`exact_curve.jsonl`), and the output directory gets `study.md`: each method
+family's frontier and the families compared at matched pass@1 (`filtered_rl.synthetic.study`).
 
 Runs are resumable: a finished training run (its `final/` model) or evaluation (`summary.json`) is
 reused, a killed one restarts from its last checkpoint / last finished prompt batch.
