@@ -148,5 +148,8 @@ def test_study_arms_run_the_curve_the_exact_partition_and_write_the_study(tmp_pa
     assert len(values) == 8 and all(0 < v <= 1 for v in values)
     study = (out / "study.md").read_text()
     assert "GRPO + KL" in study and "filtered + remedies" in study and "matched pass@1" in study
+    assert "training prompts" in study and "held-out prompts" in study  # both prompt sets, each its tables
+    train_exact = json.loads((out / "eval" / "base-seed0" / "exact_train.json").read_text())
+    assert train_exact["num_prompts"] == 8 and train_exact["kl_pstar_policy_valid"] == pytest.approx(0, abs=1e-9)
     assert (out / "study_frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "study_curves.png").read_bytes()[:4] == b"\x89PNG"

@@ -69,6 +69,7 @@ class Preset:
     task: str = "countdown"  # a registered synthetic task (filtered_rl.synthetic.tasks)
     exact: bool = True  # also exact metrics by teacher forcing, where the task enumerates its valid answers
     base_steps: int | None = None  # pretraining steps of the base model (None: the task's default)
+    exact_train_prompts: int = 200  # exact metrics also on this many of the training prompts (0: none)
     curve_points: int = 10  # exact metrics this many times during training (exact tasks only; 0: none)
 
 
@@ -130,7 +131,22 @@ STUDY_ARMS = (
             {"divergence": "alpha", "alpha": 0.9, "alpha_end": 0.0}, family=REMEDIES),
     RunSpec("filtered forward KL, ratio clip 2", "filtered",  # p*/π (forward KL's pseudo-reward) clipped at 2
             {"divergence": "forward_kl", "pseudo_reward_clip": 2.0}, family=REMEDIES),
-    MARA, UNLIKELINESS, PASSK, INVERSE_SUCCESS,
+    # The literature's remedies, each at its authors' default and one other setting of its knob.
+    replace(MARA, family="MARA"), RunSpec("mara β=0.5", "mara", {"mara_beta": 0.5}, family="MARA"),
+    replace(UNLIKELINESS, family="unlikeliness reward"),
+    RunSpec("unlikeliness c=0.5", "unlikeliness", {"unlikeliness_penalty": 0.5}, family="unlikeliness reward"),
+    replace(PASSK, family="pass@k training"),
+    RunSpec("pass@k training k=8", "passk", {"passk_k": 8}, family="pass@k training"),
+    replace(INVERSE_SUCCESS, family="inverse-success calibration"),
+    RunSpec("inverse success α=0.5", "inverse_success", {"inverse_success_alpha": 0.5},
+            family="inverse-success calibration"),
+    replace(DPH_FKL, family="DPH-RL rehearsal"),
+    RunSpec("tilted reverse KL μ=0.5", "tilted", {"target_validity": 0.5}, family=KL_TILTED),
+)  # fmt: skip
+
+COUNTDOWN_HARD_ARMS = (
+    "grpo β=0", "grpo β=0.2", "rloo μ=0.8", "tilted reverse KL μ=0.8", "filtered forward KL", "filtered α=0.5",
+    "filtered forward KL, exact A(x)", "mara β=0.1",
 )  # fmt: skip
 
 _CPU = Preset(
@@ -155,6 +171,10 @@ PRESETS: dict[str, Preset] = {
     # 0.68), every family, 300 steps. ≈ 1.8 min a run on one core; run seeds as parallel processes.
     "subset-cpu": replace(_CPU, runs=STUDY_ARMS, task="subset_sum", max_completion_length=32, base_steps=3600,
                           steps=300),
+    # The same study on the harder countdown (its base pretrained 2,400 steps: validity 0.18, exact pass@256
+    # 1.0 but coverage@256 0.82), one arm or two a family.
+    "countdown-hard-cpu": replace(_CPU, runs=tuple(a for a in STUDY_ARMS if a.name in COUNTDOWN_HARD_ARMS),
+                                  task="countdown_hard", max_completion_length=32, base_steps=2400, steps=300),
     "gpu": Preset("small", SWEEP, steps=200, train_prompts=20000, num_generations=16, batch_size=256,
                   learning_rate=5e-5, eval_prompts=200, eval_samples=64, max_completion_length=32),
 }  # fmt: skip
@@ -340,6 +360,7 @@ def evaluate_model(model: Path, base_model: Path, output_dir: Path, preset: Pres
     else:
         summary = run_eval(_eval_config(model, base_model, output_dir, preset, seed))
     exact = exact_metrics(model, base_model, output_dir, preset, seed)
+    exact_train_metrics(model, base_model, output_dir, preset, seed)  # read by the study (study.md)
     return {**summary, "exact": exact} if exact is not None else summary
 
 
@@ -362,26 +383,48 @@ def _eval_config(model: Path, base_model: Path, output_dir: Path, preset: Preset
 
 
 EXACT_FILE = "exact.json"
+EXACT_TRAIN_FILE = "exact_train.json"
 
 
 def exact_metrics(model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> dict | None:
     """Exact validity, pass@k (k = 1, eval_samples, 256), coverage@k and KL(p* ‖ π(·|valid)) on the held-out
-    prompts the sampled evaluation of this seed used, by teacher forcing over the task's enumerated valid answers (None when the task cannot
-    enumerate them). For a task with several spellings per answer (countdown) these are lower bounds of the
-    validity and pass@k; subset_sum has one spelling, so they are exact. Saved (atomically) as exact.json."""
+    prompts the sampled evaluation of this seed used, by teacher forcing over the task's enumerated valid
+    answers (None when the task cannot enumerate them). For a task with several spellings per answer
+    (countdown) these are lower bounds of the validity and pass@k; subset_sum has one spelling, so they are
+    exact. Saved (atomically), with the per-prompt values, as exact.json."""
+    from filtered_rl.evaluation.runner import load_config_task
+
+    if not preset.exact:
+        return None
+    task = load_config_task(_eval_config(model, base_model, output_dir, preset, seed))  # the sampled prompts
+    return _exact_file(model, base_model, task, output_dir / EXACT_FILE, preset)
+
+
+def exact_train_metrics(
+    model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int
+) -> dict | None:
+    """The same exact metrics on the first `exact_train_prompts` prompts the run trained on: where the
+    objectives' optima (p*, p_β) are defined, apart from how far the policy generalises. exact_train.json."""
+    from filtered_rl.data import load_task
+
+    if not (preset.exact and preset.exact_train_prompts):
+        return None
+    task = load_task(preset.task, split="train", seed=seed, task_options={"num_train": preset.train_prompts})
+    task = replace(
+        task, dataset=task.dataset.select(range(min(preset.exact_train_prompts, len(task.dataset))))
+    )
+    return _exact_file(model, base_model, task, output_dir / EXACT_TRAIN_FILE, preset)
+
+
+def _exact_file(model: Path, base_model: Path, task: Any, path: Path, preset: Preset) -> dict | None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from filtered_rl.evaluation.exact import exact_evaluation
     from filtered_rl.evaluation.outputs import atomic_write_text
-    from filtered_rl.evaluation.runner import load_config_task
     from filtered_rl.synthetic.console import quiet_libraries
 
-    path = output_dir / EXACT_FILE
-    if not preset.exact:
-        return None
     if path.exists():
         return json.loads(path.read_text())
-    task = load_config_task(_eval_config(model, base_model, output_dir, preset, seed))  # the sampled prompts
     rows = task.dataset.to_list()
     answers = [task.valid_answers(row) for row in rows]
     if not rows or any(a is None for a in answers):

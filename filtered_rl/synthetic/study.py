@@ -183,16 +183,27 @@ def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], families: dict[st
     return path
 
 
-def write_study(output_dir: Path, runs: list[tuple[str, str, str]], seeds: list[int]) -> Path | None:
-    """study.md and figures from a frontier's output directory. `runs` is (name, slug, family) per arm.
-    None when the task has no exact metrics (nothing to write)."""
-    from filtered_rl.evaluation.outputs import atomic_write_text
-    from filtered_rl.synthetic.exact_curve import CURVE_FILE, read_curve
+# (file each evaluation writes, heading, frontier figure): the prompts the runs trained on first, where the
+# objectives' optima are defined, then the held-out prompts, where generalisation counts too.
+PROMPT_SETS = (
+    (
+        "exact_train.json",
+        "training prompts (where the objectives' optima are defined)",
+        "study_frontier_train.png",
+    ),
+    ("exact.json", "held-out prompts", "study_frontier.png"),
+)
 
+
+def study_section(
+    output_dir: Path, runs: list[tuple[str, str, str]], seeds: list[int], file: str, title: str, figure: str
+) -> list[str] | None:
+    """Markdown sections (points table, matched-pass@1 tables) and the frontier figure for one prompt set;
+    None when the base model or every arm lacks that set's exact metrics."""
     families = {name: family for name, _, family in runs}
     evaluations: dict[str, list[dict[str, Any]]] = {}
     for name, slug, _ in [(BASE, "base", BASE), *runs]:
-        found = [output_dir / "eval" / f"{slug}-seed{s}" / "exact.json" for s in seeds]
+        found = [output_dir / "eval" / f"{slug}-seed{s}" / file for s in seeds]
         exact = [json.loads(p.read_text()) for p in found if p.exists()]
         if exact and all("per_prompt" in e for e in exact):
             evaluations[name] = exact
@@ -201,25 +212,46 @@ def write_study(output_dir: Path, runs: list[tuple[str, str, str]], seeds: list[
     points = arm_points(evaluations)
     frontiers = family_frontiers(points, families)
     levels = matched_levels(points)
+    plot_study(points, frontiers, families, output_dir / figure)
+    sections = [f"## On the {title}", f"![frontiers]({figure})", points_table(points, families)]
+    for metric, label, higher in METRICS:
+        better = "higher" if higher else "lower"
+        sections += [
+            f"### {label} at matched pass@1 ({better} is better; every frontier includes the base model)",
+            matched_table(frontiers, levels, metric),
+        ]
+    return sections
+
+
+def write_study(output_dir: Path, runs: list[tuple[str, str, str]], seeds: list[int]) -> Path | None:
+    """study.md and figures from a frontier's output directory. `runs` is (name, slug, family) per arm.
+    None when the task has no exact metrics (nothing to write)."""
+    from filtered_rl.evaluation.outputs import atomic_write_text
+    from filtered_rl.synthetic.exact_curve import CURVE_FILE, read_curve
+
+    families = {name: family for name, _, family in runs}
+    sections = [
+        "# Frontier study (exact metrics, mean ± bootstrap SE over seeds and prompts)",
+        f"Seeds: {', '.join(map(str, seeds))}.",
+    ]
+    found = False
+    for file, title, figure in PROMPT_SETS:
+        part = study_section(output_dir, runs, seeds, file, title, figure)
+        if part is not None:
+            sections += part
+            found = True
+    if not found:
+        return None
     curves = {}
     for name, slug, _ in runs:
         seed_curves = [read_curve(output_dir / "train" / f"{slug}-seed{s}" / CURVE_FILE) for s in seeds]
         if seed_curves and all(seed_curves):
             curves[name] = seed_curves
-    plot_study(points, frontiers, families, output_dir / "study_frontier.png")
     if curves:
         plot_curves(curves, families, output_dir / "study_curves.png")
-    sections = [
-        "# Frontier study (exact metrics, mean ± bootstrap SE over seeds and prompts)",
-        f"Seeds: {', '.join(map(str, seeds))}.",
-        points_table(points, families),
-    ]
-    for metric, label, higher in METRICS:
-        better = "higher" if higher else "lower"
-        sections += [
-            f"## {label} at matched pass@1 ({better} is better; each family's frontier includes the base model)",
-            matched_table(frontiers, levels, metric),
-        ]
+        sections.append(
+            "## Exact validity and coverage@256 (held-out) during training\n\n![curves](study_curves.png)"
+        )
     path = output_dir / "study.md"
     atomic_write_text(path, "\n\n".join(sections) + "\n")
     return path
