@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -149,7 +150,14 @@ def test_study_arms_run_the_curve_the_exact_partition_and_write_the_study(tmp_pa
     study = (out / "study.md").read_text()
     assert "GRPO + KL" in study and "filtered + remedies" in study and "matched pass@1" in study
     assert "training prompts" in study and "held-out prompts" in study  # both prompt sets, each its tables
+    # --report-only summarises what finished and trains nothing: an arm never trained is left out
+    more = replace(preset, runs=(*preset.runs, ARMS["mara"]))
+    rows = run_frontier(more, out, [0], threads=1, base_model=base, report_only=True)
+    assert [r["run"] for r in rows] == ["base model", "grpo β=0", column_arm.name]
+    assert not (out / "train" / "mara-beta-0-1-seed0").exists()
     train_exact = json.loads((out / "eval" / "base-seed0" / "exact_train.json").read_text())
-    assert train_exact["num_prompts"] == 8 and train_exact["kl_pstar_policy_valid"] == pytest.approx(0, abs=1e-9)
+    assert train_exact["num_prompts"] == 8 and train_exact["kl_pstar_policy_valid"] == pytest.approx(
+        0, abs=1e-9
+    )
     assert (out / "study_frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "study_curves.png").read_bytes()[:4] == b"\x89PNG"

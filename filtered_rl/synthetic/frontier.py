@@ -416,6 +416,9 @@ def exact_train_metrics(
     return _exact_file(model, base_model, task, output_dir / EXACT_TRAIN_FILE, preset)
 
 
+_BASE_SCORES: dict[tuple[str, tuple[str, ...]], list[list[float]]] = {}
+
+
 def _exact_file(model: Path, base_model: Path, task: Any, path: Path, preset: Preset) -> dict | None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -434,9 +437,18 @@ def _exact_file(model: Path, base_model: Path, task: Any, path: Path, preset: Pr
         policy = AutoModelForCausalLM.from_pretrained(model)
         base = policy if Path(model) == Path(base_model) else AutoModelForCausalLM.from_pretrained(base_model)
     ks = sorted({1, preset.eval_samples, 256})
+    prompts = [r["prompt"] for r in rows]
+    key = (str(base_model), tuple(prompts))  # the base model's scores are the same for every arm of a seed
     result = exact_evaluation(
-        policy, base, tokenizer, [r["prompt"] for r in rows], [sorted(a) for a in answers], ks
+        policy,
+        base,
+        tokenizer,
+        prompts,
+        [sorted(a) for a in answers],
+        ks,
+        base_log_probs=_BASE_SCORES.get(key),
     )
+    _BASE_SCORES[key] = result["base_log_probs"]
     atomic_write_text(path, json.dumps({**result["summary"], "per_prompt": result["per_prompt"]}, indent=1))
     return json.loads(path.read_text())  # keys as JSON writes them (k as strings), also on the first call
 
@@ -482,8 +494,12 @@ def run_frontier(
     base_model: Path | None = None,
     arms: list[str] | None = None,
     task: str | None = None,
+    report_only: bool = False,
 ) -> list[dict]:
     """Pretrain (cached) the base model, train every run for every seed, evaluate all; write results.
+
+    `report_only` trains nothing: the runs already finished under `output_dir` are evaluated (if not yet)
+    and summarised, the others left out, e.g. to read a study while its seeds still run elsewhere.
 
     `preset` is a name in PRESETS or a Preset; `base_model` overrides the preset's pretrained base; `arms`
     (names in ARMS) replaces the preset's runs, keeping its sizes; `task` (a registered synthetic task)
@@ -507,6 +523,8 @@ def run_frontier(
         rows.append(row_from_summary("base model", seed, summary))
         for spec in preset.runs:
             run_dir = output_dir / "train" / f"{slug(spec.name)}-seed{seed}"
+            if report_only and not (run_dir / "final" / "train_minutes.json").exists():
+                continue
             model = train_run(
                 prepare_rehearsal(spec, base, output_dir, preset, seed), base, run_dir, preset, seed
             )
@@ -659,6 +677,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a base model directory for that task, e.g. one from `filtered-rl pretrain --steps N "
         "--output-dir DIR` (default: the task's cached nano base model, pretrained if absent)",
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: evaluate and summarise the runs already finished in --output-dir (others are "
+        "left out), e.g. while some seeds still run in other processes",
+    )
 
 
 def _model_dir(text: str) -> Path:
@@ -686,6 +710,7 @@ def run(args: argparse.Namespace) -> int:
         arms=getattr(args, "arms", None),
         task=getattr(args, "task", None),
         base_model=getattr(args, "base_model", None),
+        report_only=getattr(args, "report_only", False),
     )
     print(format_table(aggregate(rows)))
     print(
