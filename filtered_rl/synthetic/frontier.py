@@ -73,29 +73,45 @@ class Preset:
     curve_points: int = 10  # exact metrics this many times during training (exact tasks only; 0: none)
 
 
-GRPO_SMALL_BETA = RunSpec("grpo β=0.01", "grpo", {"beta": 0.01})
-GRPO_BETA_004 = RunSpec("grpo β=0.04", "grpo", {"beta": 0.04})
-GRPO_BETA_02 = RunSpec("grpo β=0.2", "grpo", {"beta": 0.2})
+# Method families: the runs whose points make one frontier in the study (filtered_rl.synthetic.study).
+KL_GRPO, KL_RLOO, KL_TILTED = "GRPO + KL", "RLOO + KL", "tilted target p_β"
+FILTERED, REMEDIES = "filtered (f-DPG → p*)", "filtered + remedies"
+GRPO_SMALL_BETA = RunSpec("grpo β=0.01", "grpo", {"beta": 0.01}, family=KL_GRPO)
+GRPO_BETA_004 = RunSpec("grpo β=0.04", "grpo", {"beta": 0.04}, family=KL_GRPO)
+GRPO_BETA_02 = RunSpec("grpo β=0.2", "grpo", {"beta": 0.2}, family=KL_GRPO)
 # β-from-μ on GRPO needs the KL in the reward (grpo_klr): TRL's GRPO, k3 KL in the loss, overshoots μ and the
 # callback refuses it (docs/controller.md). Before 0.2 this arm was "grpo μ=0.8" on TRL's GRPOTrainer.
 GRPO_MU_08 = RunSpec("grpo_klr μ=0.8", "grpo_klr", {"beta": 0.04}, target_validity=0.8)
-FILTERED_FKL = RunSpec("filtered forward KL", "filtered", {"divergence": "forward_kl"})
+FILTERED_FKL = RunSpec("filtered forward KL", "filtered", {"divergence": "forward_kl"}, family=FILTERED)
 FILTERED_ALPHA = {
-    a: RunSpec(f"filtered α={a}", "filtered", {"divergence": "alpha", "alpha": a})
+    a: RunSpec(f"filtered α={a}", "filtered", {"divergence": "alpha", "alpha": a}, family=FILTERED)
     for a in (0.25, 0.5, 0.75, 0.9)
 }
-FILTERED_JS = RunSpec("filtered JS", "filtered", {"divergence": "js"})
+FILTERED_JS = RunSpec("filtered JS", "filtered", {"divergence": "js"}, family=FILTERED)
 # The literature's diversity-collapse remedies (docs/baselines.md), at the authors' defaults, and the two
 # exact KL-control arms (RLOO: k1 KL in the reward; tilted: reverse KL toward p_β).
-MARA = RunSpec("mara β=0.1", "mara", {"mara_beta": 0.1})
+MARA = RunSpec("mara β=0.1", "mara", {"mara_beta": 0.1}, family="MARA")
 # The nano base model never solves a training prompt 8 times out of 8 (of 200 prompts: 1 reaches 6 of 8,
 # 43 reach 3 of 8), so "near-perfect" is relaxed to ≥ 3 of 8 here (the paper: 8 of 8).
-DPH_FKL = RunSpec("dph forward KL", "dph", {"rehearsal_divergence": "forward_kl"}, rehearsal_min_correct=3)
-UNLIKELINESS = RunSpec("unlikeliness c=0.25", "unlikeliness", {"unlikeliness_penalty": 0.25})
-PASSK = RunSpec("pass@k training k=4", "passk", {"passk_k": 4})
-INVERSE_SUCCESS = RunSpec("inverse success α=1", "inverse_success", {"inverse_success_alpha": 1.0})
-RLOO_MU_08 = RunSpec("rloo μ=0.8", "rloo", {"beta": 0.04}, target_validity=0.8)
-TILTED_MU_08 = RunSpec("tilted reverse KL μ=0.8", "tilted", {"target_validity": 0.8})
+DPH_FKL = RunSpec(
+    "dph forward KL",
+    "dph",
+    {"rehearsal_divergence": "forward_kl"},
+    rehearsal_min_correct=3,
+    family="DPH-RL rehearsal",
+)
+UNLIKELINESS = RunSpec(
+    "unlikeliness c=0.25", "unlikeliness", {"unlikeliness_penalty": 0.25}, family="unlikeliness reward"
+)
+PASSK = RunSpec("pass@k training k=4", "passk", {"passk_k": 4}, family="pass@k training")
+INVERSE_SUCCESS = RunSpec(
+    "inverse success α=1",
+    "inverse_success",
+    {"inverse_success_alpha": 1.0},
+    family="inverse-success calibration",
+)
+RLOO_MU_08 = RunSpec("rloo μ=0.8", "rloo", {"beta": 0.04}, target_validity=0.8, family=KL_RLOO)
+TILTED_MU_08 = RunSpec("tilted reverse KL μ=0.8", "tilted", {"target_validity": 0.8}, family=KL_TILTED)
 BASELINES = (MARA, DPH_FKL, UNLIKELINESS, PASSK, INVERSE_SUCCESS, RLOO_MU_08, TILTED_MU_08)
 # The issue's sweep: a few β and the μ controller; α ∈ {0 (forward KL), .25, .5, .75, .9} and JS.
 SWEEP = (
@@ -110,20 +126,18 @@ SWEEP = (
 
 # The study on subset_sum (docs/results.md §4): every family at the knob settings below, families named for
 # the frontier plots. GRPO's β = 0 is the collapse-prone end; RLOO and the tilted target are exact KL-control.
-KL_GRPO, KL_RLOO, KL_TILTED = "GRPO + KL", "RLOO + KL", "tilted target p_β"
-FILTERED, REMEDIES = "filtered (f-DPG → p*)", "filtered + remedies"
-GRPO_BETA_0 = RunSpec("grpo β=0", "grpo", {"beta": 0.0})
+GRPO_BETA_0 = RunSpec("grpo β=0", "grpo", {"beta": 0.0}, family=KL_GRPO)
 STUDY_ARMS = (
-    replace(GRPO_BETA_0, family=KL_GRPO),
-    replace(GRPO_BETA_004, family=KL_GRPO),
-    replace(GRPO_BETA_02, family=KL_GRPO),
+    GRPO_BETA_0,
+    GRPO_BETA_004,
+    GRPO_BETA_02,
     RunSpec("rloo β=0.04", "rloo", {"beta": 0.04}, family=KL_RLOO),
-    replace(RLOO_MU_08, family=KL_RLOO),
-    replace(TILTED_MU_08, family=KL_TILTED),
-    replace(FILTERED_FKL, family=FILTERED),
-    replace(FILTERED_ALPHA[0.5], family=FILTERED),
-    replace(FILTERED_ALPHA[0.9], family=FILTERED),
-    replace(FILTERED_JS, family=FILTERED),
+    RLOO_MU_08,
+    TILTED_MU_08,
+    FILTERED_FKL,
+    FILTERED_ALPHA[0.5],
+    FILTERED_ALPHA[0.9],
+    FILTERED_JS,
     # The issue's remedies for the filtered objective's weak points (slow validity, noisy weights):
     RunSpec("filtered forward KL, exact A(x)", "filtered",  # p*'s normaliser measured offline, not per group
             {"divergence": "forward_kl", "partition_estimate": "column"}, family=REMEDIES),
@@ -132,15 +146,15 @@ STUDY_ARMS = (
     RunSpec("filtered forward KL, ratio clip 2", "filtered",  # p*/π (forward KL's pseudo-reward) clipped at 2
             {"divergence": "forward_kl", "pseudo_reward_clip": 2.0}, family=REMEDIES),
     # The literature's remedies, each at its authors' default and one other setting of its knob.
-    replace(MARA, family="MARA"), RunSpec("mara β=0.5", "mara", {"mara_beta": 0.5}, family="MARA"),
-    replace(UNLIKELINESS, family="unlikeliness reward"),
+    MARA, RunSpec("mara β=0.5", "mara", {"mara_beta": 0.5}, family="MARA"),
+    UNLIKELINESS,
     RunSpec("unlikeliness c=0.5", "unlikeliness", {"unlikeliness_penalty": 0.5}, family="unlikeliness reward"),
-    replace(PASSK, family="pass@k training"),
+    PASSK,
     RunSpec("pass@k training k=8", "passk", {"passk_k": 8}, family="pass@k training"),
-    replace(INVERSE_SUCCESS, family="inverse-success calibration"),
+    INVERSE_SUCCESS,
     RunSpec("inverse success α=0.5", "inverse_success", {"inverse_success_alpha": 0.5},
             family="inverse-success calibration"),
-    replace(DPH_FKL, family="DPH-RL rehearsal"),
+    DPH_FKL,
     RunSpec("tilted reverse KL μ=0.5", "tilted", {"target_validity": 0.5}, family=KL_TILTED),
 )  # fmt: skip
 

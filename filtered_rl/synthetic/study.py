@@ -121,6 +121,7 @@ def plot_study(
     frontiers: dict[str, dict[str, list[tuple[float, float]]]],
     families: dict[str, str],
     path: Path,
+    prompts: str = "held-out prompts",
 ) -> Path:
     """pass@1 against each diversity metric: every arm (± bootstrap SE), each family's frontier, the base."""
     import matplotlib
@@ -141,7 +142,7 @@ def plot_study(
         for family, by_metric in frontiers.items():
             xs, ys = zip(*by_metric[metric], strict=True)
             ax.plot(xs, ys, color=colors[family], label=family, linewidth=1.5)
-        ax.set_xlabel("exact pass@1 (held-out prompts)")
+        ax.set_xlabel(f"exact pass@1 ({prompts})")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -212,7 +213,7 @@ def study_section(
     points = arm_points(evaluations)
     frontiers = family_frontiers(points, families)
     levels = matched_levels(points)
-    plot_study(points, frontiers, families, output_dir / figure)
+    plot_study(points, frontiers, families, output_dir / figure, prompts=title.split(" (")[0])
     sections = [f"## On the {title}", f"![frontiers]({figure})", points_table(points, families)]
     for metric, label, higher in METRICS:
         better = "higher" if higher else "lower"
