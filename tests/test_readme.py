@@ -34,7 +34,9 @@ if "trainer" in globals():
 # What some blocks must print (beyond running): the values their comments promise.
 EXPECTED_OUTPUT = {
     "CodeVerifier, MathVerifier": lambda out: out.count("[1.0]") == 2,
-    'get_task("countdown")': lambda out: "('countdown', 'countdown_hard', 'subset_sum')" in out and "True True" in out,
+    'get_task("countdown")': lambda out: (
+        "('countdown', 'countdown_hard', 'subset_sum')" in out and "True True" in out
+    ),
     "ALGORITHMS,": lambda out: "'mara'" in out and "'forward_kl'" in out,
     'register_algorithm("verdict_loo"': lambda out: "VerdictLeaveOneOutTrainer" in out,
 }

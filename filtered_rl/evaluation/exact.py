@@ -127,8 +127,10 @@ def _exact_evaluation(model, base_model, tokenizer, prompts, valid_answers, ks, 
             flat_answers.append(ids)
     log_pi = sequence_logprobs(model, tokenizer, flat_prompts, flat_answers, batch_size=batch_size)
     if base_log_probs is None:
-        flat_base = sequence_logprobs(
-            base_model, tokenizer, flat_prompts, flat_answers, batch_size=batch_size
+        flat_base = (  # the base model scored as the policy (step 0, the base's own evaluation): one pass
+            log_pi
+            if base_model is model
+            else sequence_logprobs(base_model, tokenizer, flat_prompts, flat_answers, batch_size=batch_size)
         )
         base_log_probs, start = [], 0
         for answers in valid_answers:

@@ -244,12 +244,29 @@ def prepare_rehearsal(
     return replace(spec, options={**spec.options, "rehearsal_path": str(folder)})
 
 
+def train_task(preset: Preset, seed: int) -> Any:
+    """The prompts (and verifier) every run of this seed trains on; the exact training-prompt metrics read
+    the same ones."""
+    from filtered_rl.data import load_task
+
+    return load_task(preset.task, split="train", seed=seed, task_options={"num_train": preset.train_prompts})
+
+
+def enumerated_answers(task: Any) -> tuple[list[str], list[list[str]]] | None:
+    """The task's prompts and each one's enumerated valid answers (sorted), or None when there are no
+    prompts or the task cannot enumerate some prompt's answers. A prompt may have none."""
+    rows = task.dataset.to_list()
+    answers = [task.valid_answers(row) for row in rows]
+    if not rows or any(a is None for a in answers):
+        return None
+    return [r["prompt"] for r in rows], [sorted(a) for a in answers]
+
+
 def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> Path:
     """Train one run from the base model; returns its final model directory (reused when present)."""
     import torch
 
     from filtered_rl.callbacks import BetaFromValidityCallback
-    from filtered_rl.data import load_task
     from filtered_rl.synthetic.console import attach_console_progress
     from filtered_rl.trainers import ALGORITHMS
 
@@ -281,7 +298,7 @@ def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset,
         disable_tqdm=True,
         **spec.options,
     )
-    task = load_task(preset.task, split="train", seed=seed, task_options={"num_train": preset.train_prompts})
+    task = train_task(preset, seed)
     dataset = task.dataset
     if spec.options.get("partition_estimate") == "column":
         dataset = dataset.add_column(
@@ -322,9 +339,8 @@ def exact_base_validity(task: Any, base_model: Path, cache_dir: Path, seed: int)
     path = cache_dir / f"base_validity-seed{seed}-{len(task.dataset)}.json"
     if path.exists():
         return json.loads(path.read_text())
-    rows = task.dataset.to_list()
-    answers = [task.valid_answers(row) for row in rows]
-    if any(not a for a in answers):
+    enumerated = enumerated_answers(task)
+    if enumerated is None or not all(enumerated[1]):
         raise ValueError(
             f"partition_estimate='column' on {task.name!r} needs every training prompt's valid answers "
             "enumerated (the task's valid_answers); use partition_estimate='running' for this task"
@@ -332,7 +348,7 @@ def exact_base_validity(task: Any, base_model: Path, cache_dir: Path, seed: int)
     with quiet_libraries():
         tokenizer = AutoTokenizer.from_pretrained(base_model)
         model = AutoModelForCausalLM.from_pretrained(base_model)
-    result = exact_evaluation(model, model, tokenizer, [r["prompt"] for r in rows], answers, ks=(1,))
+    result = exact_evaluation(model, model, tokenizer, *enumerated, ks=(1,))
     values = [float(row["base_validity"]) for row in result["per_prompt"]]
     cache_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(values))
@@ -350,19 +366,16 @@ def exact_curve_callback(base_model: Path, output_dir: Path, preset: Preset, see
 
     if not (preset.exact and preset.curve_points > 0):
         return None
-    task = load_config_task(_eval_config(base_model, base_model, output_dir, preset, seed))
-    rows = task.dataset.to_list()
-    answers = [task.valid_answers(row) for row in rows]
-    if not rows or any(a is None for a in answers):
+    enumerated = enumerated_answers(
+        load_config_task(_eval_config(base_model, base_model, output_dir, preset, seed))
+    )
+    if enumerated is None:
         return None
     with quiet_libraries():
         tokenizer = AutoTokenizer.from_pretrained(base_model)
         base = AutoModelForCausalLM.from_pretrained(base_model)
     every = max(1, preset.steps // preset.curve_points)
-    kept = [(r["prompt"], a) for r, a in zip(rows, answers, strict=True) if a]
-    return ExactCurveCallback(
-        base, tokenizer, [p for p, _ in kept], [a for _, a in kept], every, output_dir / CURVE_FILE
-    )
+    return ExactCurveCallback(base, tokenizer, *enumerated, every, output_dir / CURVE_FILE)
 
 
 def evaluate_model(model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> dict:
@@ -419,11 +432,9 @@ def exact_train_metrics(
 ) -> dict | None:
     """The same exact metrics on the first `exact_train_prompts` prompts the run trained on: where the
     objectives' optima (p*, p_β) are defined, apart from how far the policy generalises. exact_train.json."""
-    from filtered_rl.data import load_task
-
     if not (preset.exact and preset.exact_train_prompts):
         return None
-    task = load_task(preset.task, split="train", seed=seed, task_options={"num_train": preset.train_prompts})
+    task = train_task(preset, seed)
     task = replace(
         task, dataset=task.dataset.select(range(min(preset.exact_train_prompts, len(task.dataset))))
     )
@@ -442,23 +453,22 @@ def _exact_file(model: Path, base_model: Path, task: Any, path: Path, preset: Pr
 
     if path.exists():
         return json.loads(path.read_text())
-    rows = task.dataset.to_list()
-    answers = [task.valid_answers(row) for row in rows]
-    if not rows or any(a is None for a in answers):
+    enumerated = enumerated_answers(task)
+    if enumerated is None:
         return None
+    prompts, answers = enumerated
     with quiet_libraries():  # no "Loading weights" bars
         tokenizer = AutoTokenizer.from_pretrained(model)
         policy = AutoModelForCausalLM.from_pretrained(model)
         base = policy if Path(model) == Path(base_model) else AutoModelForCausalLM.from_pretrained(base_model)
     ks = sorted({1, preset.eval_samples, 256})
-    prompts = [r["prompt"] for r in rows]
     key = (str(base_model), tuple(prompts))  # the base model's scores are the same for every arm of a seed
     result = exact_evaluation(
         policy,
         base,
         tokenizer,
         prompts,
-        [sorted(a) for a in answers],
+        answers,
         ks,
         base_log_probs=_BASE_SCORES.get(key),
     )
