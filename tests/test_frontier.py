@@ -161,3 +161,36 @@ def test_study_arms_run_the_curve_the_exact_partition_and_write_the_study(tmp_pa
     )
     assert (out / "study_frontier.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "study_curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pstar_arms_sample_their_verified_base_samples_and_distil(
+    nano_model_dir: Path, tmp_path: Path
+) -> None:
+    """The two arms that use samples of p*: `filtered_pstar` draws K = 32 base samples per training prompt
+    and keeps the verified ones (every prompt with at least one), `pstar_distill` trains by the exact
+    gradient; both are evaluated and curved like the RL arms."""
+    from filtered_rl.rehearsal import load_rehearsal
+    from filtered_rl.synthetic.exact_curve import CURVE_FILE, read_curve
+    from filtered_rl.synthetic.frontier import ARMS, PSTAR_DISTILL
+
+    pstar_arm = ARMS[slug("filtered forward KL + p* samples")]
+    preset = Preset("nano", (pstar_arm, PSTAR_DISTILL), steps=2, train_prompts=6, num_generations=4,
+                    batch_size=4, learning_rate=1e-4, eval_prompts=2, eval_samples=4, curve_points=2, exact_train_prompts=6)  # fmt: skip
+    out = tmp_path / "out"
+    rows = run_frontier(preset, out, [0], threads=1, base_model=nano_model_dir)
+    assert [r["run"] for r in rows] == ["base model", pstar_arm.name, PSTAR_DISTILL.name]
+    stored = load_rehearsal(out / "rehearsal" / "seed0-k32-min1")
+    assert stored.info["num_samples"] == 32 and stored.info["min_correct"] == 1
+    assert stored.info["near_perfect_prompts"] == len({s["prompt_key"] for s in stored.samples})
+    for arm in preset.runs:
+        assert [p["step"] for p in read_curve(out / "train" / f"{slug(arm.name)}-seed0" / CURVE_FILE)] == [
+            0,
+            1,
+            2,
+        ]
+        assert (
+            json.loads((out / "eval" / f"{slug(arm.name)}-seed0" / "exact_train.json").read_text())[
+                "num_prompts"
+            ]
+            == 6
+        )

@@ -36,15 +36,18 @@ import numpy as np
 class RunSpec:
     """One training configuration: `algorithm` is any registered algorithm (`filtered-rl train --list`).
 
-    `dph` needs its offline base-model samples: the frontier draws them (K = 8 per training prompt, cached
-    under `<output-dir>/rehearsal/seed<s>`) and a prompt is near-perfect with `rehearsal_min_correct` of 8.
+    `dph` and `filtered_pstar` need offline base-model samples: the frontier draws `rehearsal_samples` per
+    training prompt (cached under `<output-dir>/rehearsal/`) and keeps the verified ones of the prompts with
+    at least `rehearsal_min_correct` of them (`filtered_pstar`: 1, every verified sample is a draw of p*).
+    `pstar_distill` is no RL algorithm: the exact distillation of p* (`filtered_rl.synthetic.distill`).
     """
 
     name: str
     algorithm: str
     options: dict[str, Any] = field(default_factory=dict)  # config fields: beta, divergence, alpha, ...
     target_validity: float | None = None  # grpo/rloo only: the β-from-μ controller
-    rehearsal_min_correct: int | None = None  # dph only (None: all 8, the paper's split)
+    rehearsal_min_correct: int | None = None  # dph/filtered_pstar (None: all of them, the paper's)
+    rehearsal_samples: int = 8  # dph/filtered_pstar: base-model samples per training prompt
     family: str | None = None  # the method family whose frontier this run is a point of (None: algorithm)
 
     @property
@@ -127,6 +130,8 @@ SWEEP = (
 # The study on subset_sum (docs/results.md §4): every family at the knob settings below, families named for
 # the frontier plots. GRPO's β = 0 is the collapse-prone end; RLOO and the tilted target are exact KL-control.
 GRPO_BETA_0 = RunSpec("grpo β=0", "grpo", {"beta": 0.0}, family=KL_GRPO)
+ORACLE = "p* distilled (oracle)"
+PSTAR_DISTILL = RunSpec("p* distilled", "pstar_distill", family=ORACLE)
 STUDY_ARMS = (
     GRPO_BETA_0,
     GRPO_BETA_004,
@@ -156,12 +161,19 @@ STUDY_ARMS = (
             family="inverse-success calibration"),
     DPH_FKL,
     RunSpec("tilted reverse KL μ=0.5", "tilted", {"target_validity": 0.5}, family=KL_TILTED),
+    # The base model's verified samples (exact draws of p*, K = 32 a prompt) as extra proposals of forward KL.
+    RunSpec("filtered forward KL + p* samples", "filtered_pstar", {"divergence": "forward_kl"},
+            rehearsal_samples=32, rehearsal_min_correct=1, family=REMEDIES),
+    # Not methods: forward KL with the exact gradient (needs the valid set), at this budget and 10x longer.
+    PSTAR_DISTILL, RunSpec("p* distilled, 10x steps", "pstar_distill", {"steps": 3000}, family=ORACLE),
 )  # fmt: skip
 
 COUNTDOWN_HARD_ARMS = (
     "grpo β=0", "grpo β=0.2", "rloo μ=0.8", "tilted reverse KL μ=0.8", "filtered forward KL", "filtered α=0.5",
-    "filtered forward KL, exact A(x)", "mara β=0.1",
+    "filtered forward KL, exact A(x)", "mara β=0.1", "filtered forward KL + p* samples", "p* distilled",
 )  # fmt: skip
+
+COUNTDOWN_HARD_LONG_ARMS = ("grpo β=0", "grpo β=0.2", "filtered forward KL, exact A(x)")
 
 _CPU = Preset(
     "nano",
@@ -189,6 +201,10 @@ PRESETS: dict[str, Preset] = {
     # 1.0 but coverage@256 0.82), one arm or two a family.
     "countdown-hard-cpu": replace(_CPU, runs=tuple(a for a in STUDY_ARMS if a.name in COUNTDOWN_HARD_ARMS),
                                   task="countdown_hard", max_completion_length=32, base_steps=2400, steps=300),
+    # Four times the budget for the fastest arms on countdown_hard: where does validity plateau?
+    "countdown-hard-long": replace(_CPU, runs=tuple(a for a in STUDY_ARMS if a.name in COUNTDOWN_HARD_LONG_ARMS),
+                                   task="countdown_hard", max_completion_length=32, base_steps=2400, steps=1200,
+                                   curve_points=12),
     "gpu": Preset("small", SWEEP, steps=200, train_prompts=20000, num_generations=16, batch_size=256,
                   learning_rate=5e-5, eval_prompts=200, eval_samples=64, max_completion_length=32),
 }  # fmt: skip
@@ -196,7 +212,7 @@ PRESETS: dict[str, Preset] = {
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower().replace("α", "alpha").replace("β", "beta")
-                   .replace("μ", "mu")).strip("-")  # fmt: skip
+                   .replace("μ", "mu").replace("*", "star")).strip("-")  # fmt: skip
 
 
 # `--arms`: every run spec by a short name (the baselines) or its slug (e.g. grpo-beta-0-01).
@@ -227,17 +243,25 @@ def select_task(preset: Preset, task: str | None) -> Preset:
     return replace(preset, task=task, max_completion_length=length)
 
 
+REHEARSAL_ALGORITHMS = ("dph", "filtered_pstar")
+
+
 def prepare_rehearsal(
     spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset, seed: int
 ) -> RunSpec:
-    """`dph` runs: draw (once, resumably) the base model's samples of the training prompts; else unchanged."""
-    if spec.algorithm != "dph" or "rehearsal_path" in spec.options:
+    """`dph`/`filtered_pstar` runs: draw (once, resumably) the base model's samples of the training prompts;
+    else unchanged."""
+    if spec.algorithm not in REHEARSAL_ALGORITHMS or "rehearsal_path" in spec.options:
         return spec
     from filtered_rl.rehearsal import sample_rehearsal
 
-    folder = output_dir / "rehearsal" / f"seed{seed}-min{spec.rehearsal_min_correct or 8}"
+    samples, least = spec.rehearsal_samples, spec.rehearsal_min_correct or spec.rehearsal_samples
+    name = (
+        f"seed{seed}-min{least}" if samples == 8 else f"seed{seed}-k{samples}-min{least}"
+    )  # 8: as before 0.3
+    folder = output_dir / "rehearsal" / name
     sample_rehearsal(
-        str(base_model), folder, num_samples=8, min_correct=spec.rehearsal_min_correct, dataset=preset.task,
+        str(base_model), folder, num_samples=samples, min_correct=least, dataset=preset.task,
         split="train", num_prompts=preset.train_prompts, max_new_tokens=preset.max_completion_length, seed=seed,
         progress=False,
     )  # fmt: skip
@@ -270,6 +294,8 @@ def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset,
     from filtered_rl.synthetic.console import attach_console_progress
     from filtered_rl.trainers import ALGORITHMS
 
+    if spec.algorithm == "pstar_distill":
+        return distill_run(spec, base_model, output_dir, preset, seed)
     final = output_dir / "final"
     if (final / "config.json").exists():
         return final
@@ -324,6 +350,27 @@ def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset,
     (output_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     (final / "train_minutes.json").write_text(json.dumps((time.perf_counter() - start) / 60))
     return final
+
+
+def distill_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> Path:
+    """The exact distillation of p* on this seed's training prompts (`filtered_rl.synthetic.distill`): the
+    preset's steps (or options["steps"]) and prompts per step (batch_size / num_generations, as the RL
+    arms see), its learning rate; the held-out exact curve as for the RL arms."""
+    from filtered_rl.synthetic.distill import distill_pstar
+
+    enumerated = enumerated_answers(train_task(preset, seed))
+    if enumerated is None:
+        raise ValueError(
+            f"{spec.name!r} distils p* exactly and needs the valid answers of every training prompt; task "
+            f"{preset.task!r} does not enumerate them (drop this arm)"
+        )
+    steps = int(spec.options.get("steps", preset.steps))
+    curve = exact_curve_callback(base_model, output_dir, replace(preset, steps=steps), seed)
+    per_step = int(spec.options.get("prompts_per_step", max(1, preset.batch_size // preset.num_generations)))
+    return distill_pstar(
+        base_model, *enumerated, output_dir, steps=steps, learning_rate=preset.learning_rate,
+        prompts_per_step=per_step, seed=seed, curve=curve,
+    )  # fmt: skip
 
 
 def exact_base_validity(task: Any, base_model: Path, cache_dir: Path, seed: int) -> list[float]:
