@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from pathlib import Path
 
 import pytest
@@ -29,13 +28,7 @@ CPU = dict(use_cpu=True, bf16=False, report_to=[], disable_tqdm=True, save_strat
 TASK = one_token_task((0.2,))
 STORED = {"8": 1, "9": 1}  # the two least likely valid digits of q0 (p* gives them 0.03 and 0.02)
 COEF = 1.0
-
-
-@pytest.fixture(autouse=True)
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+pytestmark = pytest.mark.filterwarnings("ignore")  # TRL/transformers deprecation notices
 
 
 def write_pstar_set(folder: Path, model_dir: Path, prompt: str, counts: dict[str, int], min_correct: int = 1):

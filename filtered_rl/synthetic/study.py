@@ -116,6 +116,17 @@ def points_table(points: list[dict[str, Any]], families: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+ORACLE_MARK = "oracle"  # a family whose name says so is drawn dashed (it needs the valid set: not a method)
+
+
+def family_colors(families: list[str]) -> dict[str, Any]:
+    """One colour per family, distinct for up to 20 families."""
+    import matplotlib.pyplot as plt
+
+    palette = plt.cm.tab10 if len(families) <= 10 else plt.cm.tab20
+    return {f: palette(i % palette.N) for i, f in enumerate(families)}
+
+
 def plot_study(
     points: list[dict[str, Any]],
     frontiers: dict[str, dict[str, list[tuple[float, float]]]],
@@ -129,7 +140,7 @@ def plot_study(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(frontiers)}
+    colors = family_colors(list(frontiers))
     fig, axes = plt.subplots(1, len(METRICS), figsize=(5.2 * len(METRICS), 4.4), dpi=120)
     for ax, (metric, label, _) in zip(axes, METRICS, strict=True):
         for p in points:
@@ -141,7 +152,8 @@ def plot_study(
             )  # fmt: skip
         for family, by_metric in frontiers.items():
             xs, ys = zip(*by_metric[metric], strict=True)
-            ax.plot(xs, ys, color=colors[family], label=family, linewidth=1.5)
+            style = "--" if ORACLE_MARK in family else "-"  # an oracle reference, not a method
+            ax.plot(xs, ys, style, color=colors[family], label=family, linewidth=1.5)
         ax.set_xlabel(f"exact pass@1 ({prompts})")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
@@ -160,7 +172,7 @@ def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], families: dict[st
     import matplotlib.pyplot as plt
 
     family_list = list(dict.fromkeys(families[a] for a in curves))
-    colors = {f: plt.cm.tab10(i % 10) for i, f in enumerate(family_list)}
+    colors = family_colors(family_list)
     styles = ["-", "--", ":", "-."]
     seen: dict[str, int] = {}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120)

@@ -32,9 +32,9 @@ from typing import Any
 import torch
 
 from filtered_rl.divergences import f_generator
-from filtered_rl.evaluation.generate import sample_seed
 from filtered_rl.trainers._base import PostScoringConfig, PostScoringTrainer, ScoredBatch
 from filtered_rl.trainers._registry import register_algorithm
+from filtered_rl.trainers._stored_samples import StoredSampleDraws
 
 # rehearsal divergence → (registered generator, α); default coefficient (middle of the authors' ranges)
 REHEARSAL_DIVERGENCES = {"forward_kl": ("alpha", 0.0), "js": ("js", None)}
@@ -129,7 +129,7 @@ class DPHConfig(PostScoringConfig):
     DPHConfig,
     "DPH-RL (Li et al. 2025): GRPO on exploration prompts + f-divergence rehearsal on stored base samples",
 )
-class DPHTrainer(PostScoringTrainer):
+class DPHTrainer(StoredSampleDraws, PostScoringTrainer):
     """GRPO (TRL's advantages) plus the rehearsal loss (see the module doc). Logs `dph/rehearsal_loss`."""
 
     _name = "DPH"
@@ -153,7 +153,6 @@ class DPHTrainer(PostScoringTrainer):
         if args.rehearsal_exclude_near_perfect and kwargs.get("train_dataset") is not None:
             kwargs["train_dataset"] = self._exploration_prompts(kwargs["train_dataset"], args.rehearsal_path)
         super().__init__(model, reward_funcs, args, **kwargs)
-        self._draw = (-1, 0)  # (global step, calls in this step)
 
     def _exploration_prompts(self, dataset: Any, path: str) -> Any:
         from filtered_rl.control import prompt_key
@@ -180,13 +179,8 @@ class DPHTrainer(PostScoringTrainer):
     def extra_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
         if not self.model.training or self.args.rehearsal_coef == 0:
             return None
-        from filtered_rl.rehearsal import completion_logprobs
-
         samples = self._draw_samples()
-        pad = self.processing_class.pad_token_id or 0  # padded positions are masked out
-        logps, mask = completion_logprobs(
-            model, [s["prompt_ids"] for s in samples], [s["completion_ids"] for s in samples], pad
-        )
+        logps, mask = self.stored_logprobs(model, samples)
         base = torch.zeros(logps.shape, dtype=logps.dtype)
         for row, s in enumerate(samples):
             base[row, : len(s["base_logprobs"])] = torch.tensor(s["base_logprobs"], dtype=base.dtype)
@@ -196,12 +190,8 @@ class DPHTrainer(PostScoringTrainer):
         return self.args.rehearsal_coef * loss
 
     def _draw_samples(self) -> list[dict[str, Any]]:
-        """This call's mini-batch: a function of (seed, process, global step, call index in the step)."""
-        step, calls = self._draw
-        calls = calls + 1 if step == self.state.global_step else 0
-        self._draw = (self.state.global_step, calls)
-        stream = self.accelerator.process_index * 2**32 + self.state.global_step
-        generator = torch.Generator().manual_seed(sample_seed(self.args.seed, stream, calls))
+        """This call's mini-batch, without replacement when the pool is large enough."""
+        generator = self.draw_generator()
         pool = self.rehearsal.samples
         size = self.args.rehearsal_batch_size
         index = torch.randperm(len(pool), generator=generator)[:size] if size <= len(pool) else None

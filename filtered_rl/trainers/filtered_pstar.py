@@ -27,8 +27,8 @@ from typing import Any
 
 import torch
 
-from filtered_rl.evaluation.generate import sample_seed
 from filtered_rl.trainers._registry import register_algorithm
+from filtered_rl.trainers._stored_samples import StoredSampleDraws
 from filtered_rl.trainers.filtered import FilteredGRPOConfig, FilteredGRPOTrainer
 
 
@@ -79,7 +79,7 @@ class FilteredPStarConfig(FilteredGRPOConfig):
     FilteredPStarConfig,
     "filtered f-DPG toward p* plus the NLL of stored verified base samples (exact draws of p*)",
 )
-class FilteredPStarTrainer(FilteredGRPOTrainer):
+class FilteredPStarTrainer(StoredSampleDraws, FilteredGRPOTrainer):
     """`FilteredGRPOTrainer` plus the stored-p*-sample loss (module doc). Logs `filtered/pstar_nll`."""
 
     _name = "FilteredPStar"
@@ -107,30 +107,18 @@ class FilteredPStarTrainer(FilteredGRPOTrainer):
             )
         self.pstar_samples = [by_prompt[key] for key in sorted(by_prompt)]
         super().__init__(model, reward_funcs, args, **kwargs)
-        self._draw = (-1, 0)  # (global step, calls in this step)
 
     def extra_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor | None:
         if not self.model.training or self.args.rehearsal_coef == 0:
             return None
-        from filtered_rl.rehearsal import completion_logprobs
-
-        samples = self._draw_samples()
-        pad = self.processing_class.pad_token_id or 0  # padded positions are masked out
-        logps, mask = completion_logprobs(
-            model, [s["prompt_ids"] for s in samples], [s["completion_ids"] for s in samples], pad
-        )
+        logps, mask = self.stored_logprobs(model, self._draw_samples())
         nll = -(logps * mask).sum() / mask.sum().clamp(min=1)
         self._metrics["train"]["filtered/pstar_nll"].append(nll.item())
         return self.args.rehearsal_coef * nll
 
     def _draw_samples(self) -> list[dict[str, Any]]:
-        """This call's samples, prompt-uniform: a function of (seed, process, global step, call in the step),
-        so a resumed run draws the same ones."""
-        step, calls = self._draw
-        calls = calls + 1 if step == self.state.global_step else 0
-        self._draw = (self.state.global_step, calls)
-        stream = self.accelerator.process_index * 2**32 + self.state.global_step
-        generator = torch.Generator().manual_seed(sample_seed(self.args.seed, stream, calls))
+        """This call's samples, prompt-uniform (a prompt, then one of its samples)."""
+        generator = self.draw_generator()
         size = self.args.rehearsal_batch_size
         prompts = torch.randint(len(self.pstar_samples), (size,), generator=generator).tolist()
         picks = torch.rand(size, generator=generator, dtype=torch.float64).tolist()
