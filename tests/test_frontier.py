@@ -194,3 +194,25 @@ def test_pstar_arms_sample_their_verified_base_samples_and_distil(
             ]
             == 6
         )
+
+
+def test_rehearsal_samples_the_training_prompts_even_when_the_pool_is_smaller(
+    monkeypatch, tmp_path: Path
+) -> None:
+    """countdown_hard has 581 training prompts: a preset asking for 1,000 trains on 581, and its stored
+    samples must be drawn for those 581 (asking the sampler for 1,000 was refused by the eval runner)."""
+    from types import SimpleNamespace
+
+    import filtered_rl.rehearsal
+    from filtered_rl.synthetic import frontier
+
+    asked = {}
+    monkeypatch.setattr(
+        filtered_rl.rehearsal, "sample_rehearsal", lambda model, folder, **kw: asked.update(kw)
+    )
+    monkeypatch.setattr(frontier, "train_task", lambda preset, seed: SimpleNamespace(dataset=[0] * 581))
+    preset = replace(frontier.PRESETS["subset-cpu"], train_prompts=1000)
+    spec = frontier.prepare_rehearsal(frontier.ARMS[slug("filtered forward KL + p* samples")], Path("base"),
+                                      tmp_path, preset, seed=3)  # fmt: skip
+    assert asked["num_prompts"] == 581 and asked["num_samples"] == 32 and asked["min_correct"] == 1
+    assert spec.options["rehearsal_path"] == str(tmp_path / "rehearsal" / "seed3-k32-min1")

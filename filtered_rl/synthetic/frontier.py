@@ -256,14 +256,13 @@ def prepare_rehearsal(
     from filtered_rl.rehearsal import sample_rehearsal
 
     samples, least = spec.rehearsal_samples, spec.rehearsal_min_correct or spec.rehearsal_samples
-    name = (
-        f"seed{seed}-min{least}" if samples == 8 else f"seed{seed}-k{samples}-min{least}"
-    )  # 8: as before 0.3
+    # K = 8 (dph) keeps the folder name it had before K could be chosen
+    name = f"seed{seed}-min{least}" if samples == 8 else f"seed{seed}-k{samples}-min{least}"
     folder = output_dir / "rehearsal" / name
+    prompts = len(train_task(preset, seed).dataset)  # the training prompts (a task's pool may be smaller)
     sample_rehearsal(
-        str(base_model), folder, num_samples=samples, min_correct=least, dataset=preset.task,
-        split="train", num_prompts=preset.train_prompts, max_new_tokens=preset.max_completion_length, seed=seed,
-        progress=False,
+        str(base_model), folder, num_samples=samples, min_correct=least, dataset=preset.task, split="train",
+        num_prompts=prompts, max_new_tokens=preset.max_completion_length, seed=seed, progress=False,
     )  # fmt: skip
     return replace(spec, options={**spec.options, "rehearsal_path": str(folder)})
 
