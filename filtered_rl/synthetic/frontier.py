@@ -162,8 +162,9 @@ STUDY_ARMS = (
     DPH_FKL,
     RunSpec("tilted reverse KL μ=0.5", "tilted", {"target_validity": 0.5}, family=KL_TILTED),
     # The base model's verified samples (exact draws of p*, K = 32 a prompt) as extra proposals of forward KL.
-    RunSpec("filtered forward KL + p* samples", "filtered_pstar", {"divergence": "forward_kl"},
-            rehearsal_samples=32, rehearsal_min_correct=1, family=REMEDIES),
+    *(RunSpec(f"filtered forward KL + p* samples{label}", "filtered_pstar",
+              {"divergence": "forward_kl", "rehearsal_coef": coef}, rehearsal_samples=32, rehearsal_min_correct=1,
+              family=REMEDIES) for label, coef in (("", 1.0), (" c=0.3", 0.3), (" c=3", 3.0))),
     # Not methods: forward KL with the exact gradient (needs the valid set), at this budget and 10x longer.
     PSTAR_DISTILL, RunSpec("p* distilled, 10x steps", "pstar_distill", {"steps": 3000}, family=ORACLE),
 )  # fmt: skip
@@ -173,7 +174,12 @@ COUNTDOWN_HARD_ARMS = (
     "filtered forward KL, exact A(x)", "mara β=0.1", "filtered forward KL + p* samples", "p* distilled",
 )  # fmt: skip
 
-COUNTDOWN_HARD_LONG_ARMS = ("grpo β=0", "grpo β=0.2", "filtered forward KL, exact A(x)")
+COUNTDOWN_HARD_LONG_ARMS = (
+    "grpo β=0",
+    "grpo β=0.2",
+    "filtered forward KL, exact A(x)",
+    "filtered forward KL + p* samples",
+)
 
 _CPU = Preset(
     "nano",
