@@ -159,6 +159,16 @@ def test_passk_advantages_are_the_mean_over_k_subsets(n: int, k: int) -> None:
 def test_passk_k_above_the_group_size_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="passk_k=9 exceeds num_generations=8"):
         PassKConfig(output_dir=str(tmp_path), passk_k=9, num_generations=8, **CPU)
+
+
+def test_passk_k_equal_to_the_group_size_trains_nothing_and_is_refused(tmp_path) -> None:
+    """k = G: every k-subset is the whole group, so every sample's advantage is the same, 0 (measured in the
+    study: the arm ended exactly at the base model)."""
+    valid = t([1.0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1])
+    assert passk_advantages(valid, 8, 8).abs().max() == 0
+    assert passk_advantages(valid, 8, 7).abs().max() > 0
+    with pytest.raises(ValueError, match="passk_k=8 equals num_generations"):
+        PassKConfig(output_dir=str(tmp_path), passk_k=8, num_generations=8, **CPU)
     with pytest.raises(ValueError, match="1 ≤ k ≤ group size 4"):
         passk_advantages(t([1, 0, 0, 0]), 4, 5)
 

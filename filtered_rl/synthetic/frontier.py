@@ -155,7 +155,7 @@ STUDY_ARMS = (
     UNLIKELINESS,
     RunSpec("unlikeliness c=0.5", "unlikeliness", {"unlikeliness_penalty": 0.5}, family="unlikeliness reward"),
     PASSK,
-    RunSpec("pass@k training k=8", "passk", {"passk_k": 8}, family="pass@k training"),
+    RunSpec("pass@k training k=2", "passk", {"passk_k": 2}, family="pass@k training"),  # k=8=G trains nothing
     INVERSE_SUCCESS,
     RunSpec("inverse success α=0.5", "inverse_success", {"inverse_success_alpha": 0.5},
             family="inverse-success calibration"),

@@ -81,6 +81,12 @@ class PassKConfig(PostScoringConfig):
                     f"passk_k={self.passk_k} exceeds {name}={generations}: pass@k of a group of N samples needs "
                     f"k ≤ N; lower passk_k or raise {name}"
                 )
+        if self.num_generations > 1 and self.passk_k == self.num_generations:
+            # Every k-subset of the group is the whole group: one pass@k per group, no contrast inside it.
+            raise ValueError(
+                f"passk_k={self.passk_k} equals num_generations: every sample of a group gets the same pass@k, so "
+                "every advantage is 0 and nothing trains; use passk_k < num_generations"
+            )
         super().__post_init__()
 
 
