@@ -173,7 +173,7 @@ COUNTDOWN_HARD_ARMS = (
     "grpo β=0", "grpo β=0.2", "rloo μ=0.8", "tilted reverse KL μ=0.8", "filtered forward KL", "filtered α=0.5",
     "filtered forward KL, exact A(x)", "mara β=0.1", "filtered forward KL + p* samples",
     "filtered forward KL + p* samples c=0.3", "filtered forward KL + p* samples c=3", "p* distilled",
-    "p* distilled, 10x steps",
+    "p* distilled, 10x steps", "unlikeliness c=0.25", "pass@k training k=4", "inverse success α=1", "dph forward KL",
 )  # fmt: skip
 
 COUNTDOWN_HARD_LONG_ARMS = (
