@@ -25,6 +25,12 @@ from typing import Any
 import numpy as np
 
 
+def pstar_proportions(log_base: Sequence[float]) -> np.ndarray:
+    """p*(y|x) = a(y|x) / Σ_{y' valid} a(y'|x) over one prompt's enumerated valid answers, from log a."""
+    log_base = np.asarray(log_base, dtype=np.float64)
+    return np.exp(log_base - np.logaddexp.reduce(log_base))
+
+
 def exact_prompt_metrics(
     log_pi: Sequence[float], log_base: Sequence[float], ks: Sequence[int]
 ) -> dict[str, Any]:
@@ -36,7 +42,7 @@ def exact_prompt_metrics(
     pi = np.exp(log_pi)
     log_mu = float(np.logaddexp.reduce(log_pi))
     log_a = float(np.logaddexp.reduce(log_base))
-    p_star = np.exp(log_base - log_a)
+    p_star = pstar_proportions(log_base)
     log_pi_valid = log_pi - log_mu
     kl = float(np.sum(p_star * (np.log(np.maximum(p_star, 1e-300)) - log_pi_valid)))
     pi_valid = np.exp(log_pi_valid)

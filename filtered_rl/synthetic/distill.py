@@ -18,7 +18,6 @@ prompts as for the RL arms. A killed run restarts from the base model (its final
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,17 +25,10 @@ from typing import Any
 
 
 def pstar_weights(base_log_probs: Sequence[Sequence[float]]) -> list[list[float]]:
-    """p*(y|x) over each prompt's valid answers from the base model's log a(y|x): a softmax per prompt."""
-    weights = []
-    for row in base_log_probs:
-        if not row:
-            weights.append([])
-            continue
-        top = max(row)
-        mass = [math.exp(v - top) for v in row]
-        total = sum(mass)
-        weights.append([m / total for m in mass])
-    return weights
+    """p*(y|x) over each prompt's valid answers from the base model's log a(y|x); [] for a prompt with none."""
+    from filtered_rl.evaluation.exact import pstar_proportions
+
+    return [pstar_proportions(row).tolist() if len(row) else [] for row in base_log_probs]
 
 
 def distill_pstar(
