@@ -620,7 +620,12 @@ def run_frontier(
     table = format_table(aggregate(rows))
     (output_dir / "results.md").write_text(table + "\n")
     plot_frontier(rows, output_dir)
-    write_study(output_dir, [(spec.name, slug(spec.name), spec.family_name) for spec in preset.runs], seeds)
+    write_study(
+        output_dir,
+        [(spec.name, slug(spec.name), spec.family_name) for spec in preset.runs],
+        seeds,
+        reference=KL_GRPO,
+    )
     return rows
 
 

@@ -6,6 +6,10 @@ its points (`filtered_rl.evaluation.frontiers.upper_frontier`): mixing two train
 prompt reaches every point between them. The base model is every family's point too (any user can
 mix it in), so each frontier starts at the base model and families are compared where they overlap.
 
+Differences between arms or families are what a user acts on, and most of each arm's standard error is
+prompt-to-prompt spread that every arm shares, so differences get a *paired* bootstrap: one draw of seeds
+and prompts applied to every arm at once (`paired_resamples`).
+
 Everything here reads what the frontier wrote, exact metrics only (`exact.json` per evaluation, with
 per-prompt values, and `exact_curve.jsonl` per run), so it runs again in seconds on finished runs:
 
@@ -58,6 +62,65 @@ def arm_points(evaluations: dict[str, list[dict[str, Any]]]) -> list[dict[str, A
     return points
 
 
+def paired_resamples(
+    evaluations: dict[str, dict[int, dict[str, Any]]],
+    families: dict[str, str],
+    levels: list[float],
+    num_resamples: int = 200,
+    seed: int = 0,
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
+    """Paired bootstrap of every arm's means and every family's matched-pass@1 values.
+
+    `evaluations` maps an arm to {seed: exact.json}. Each resample draws seeds and prompt columns once and
+    applies the draw to every arm (seed s means the same training and held-out prompts for every arm), so a
+    difference's spread excludes what the arms share. An arm lacking some drawn seeds uses the drawn ones
+    it has, or, with none, a resample of its own seeds (unpaired over seeds, still paired over prompts).
+
+    Returns (means, matched): means[arm][key] is a (resamples,) array of that arm's mean of key;
+    matched[family][metric] a (resamples × levels) array of the family's frontier value at each pass@1
+    level, NaN where that resample's frontier does not reach the level.
+    """
+    values = {
+        arm: {s: per_prompt_values(e) for s, e in by_seed.items()} for arm, by_seed in evaluations.items()
+    }
+    width = min(len(v["pass@1"]) for by_seed in values.values() for v in by_seed.values())
+    all_seeds = sorted({s for by_seed in values.values() for s in by_seed})
+    keys = ("pass@1", *(m for m, _, _ in METRICS))
+    rng = np.random.default_rng(seed)
+    means = {arm: {k: np.empty(num_resamples) for k in keys} for arm in values}
+    matched: dict[str, dict[str, np.ndarray]] = {}
+    for i in range(num_resamples):
+        drawn = rng.choice(all_seeds, len(all_seeds))
+        cols = rng.integers(0, width, width)
+        points = []
+        for arm, by_seed in values.items():
+            rows = [s for s in drawn if s in by_seed]
+            if not rows:
+                rows = list(rng.choice(sorted(by_seed), len(by_seed)))
+            point: dict[str, Any] = {"run": arm}
+            for k in keys:
+                point[k] = means[arm][k][i] = np.stack([by_seed[s][k][:width][cols] for s in rows]).mean()
+            points.append(point)
+        for family, by_metric in family_frontiers(points, families).items():
+            for metric, frontier in by_metric.items():
+                out = matched.setdefault(family, {}).setdefault(
+                    metric, np.full((num_resamples, len(levels)), np.nan)
+                )
+                for j, x in enumerate(levels):
+                    value = value_at(frontier, x)
+                    out[i, j] = np.nan if value is None else value
+    return means, matched
+
+
+def spread(samples: np.ndarray, min_defined: float = 0.5) -> float | None:
+    """Bootstrap SE of resampled values (NaN: undefined in that resample); None when fewer than
+    `min_defined` of the resamples define it (the point estimate is then at the edge of a frontier's reach)."""
+    defined = samples[~np.isnan(samples)]
+    if len(defined) < max(2, min_defined * len(samples)):
+        return None
+    return float(defined.std(ddof=1))
+
+
 def family_frontiers(
     points: list[dict[str, Any]], families: dict[str, str]
 ) -> dict[str, dict[str, list[tuple[float, float]]]]:
@@ -86,31 +149,86 @@ def matched_levels(points: list[dict[str, Any]], num: int = 4) -> list[float]:
     return [float(x) for x in np.linspace(base, top, num + 1)[1:]]
 
 
+def _cell(value: float | None, se: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "–"
+    text = f"{value:+.3f}" if signed else f"{value:.3f}"
+    return text if se is None else f"{text} ± {se:.3f}"
+
+
 def matched_table(
-    frontiers: dict[str, dict[str, list[tuple[float, float]]]], levels: list[float], metric: str
+    frontiers: dict[str, dict[str, list[tuple[float, float]]]],
+    levels: list[float],
+    metric: str,
+    matched: dict[str, dict[str, np.ndarray]] | None = None,
 ) -> str:
-    """Markdown: each family's frontier value of `metric` at each pass@1 level (– where it does not reach)."""
+    """Markdown: each family's frontier value of `metric` at each pass@1 level (– where it does not reach),
+    ± its bootstrap SE when `matched` (from `paired_resamples`) is given."""
     lines = [
         f"| family | {' | '.join(f'pass@1 = {x:.3f}' for x in levels)} |",
         "|---" * (len(levels) + 1) + "|",
     ]
     for family, by_metric in frontiers.items():
         cells = []
-        for x in levels:
-            value = value_at(by_metric[metric], x)
-            cells.append("–" if value is None else f"{value:.3f}")
+        for j, x in enumerate(levels):
+            se = None if matched is None else spread(matched[family][metric][:, j])
+            cells.append(_cell(value_at(by_metric[metric], x), se))
         lines.append(f"| {family} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
 
-def points_table(points: list[dict[str, Any]], families: dict[str, str]) -> str:
-    keys = ("pass@1", *(m for m, _, _ in METRICS))
+def difference_table(
+    frontiers: dict[str, dict[str, list[tuple[float, float]]]],
+    levels: list[float],
+    metric: str,
+    matched: dict[str, dict[str, np.ndarray]],
+    reference: str,
+) -> str:
+    """Markdown: each family's frontier value minus the reference family's at each pass@1 level, ± the
+    paired bootstrap SE of that difference (– where either frontier does not reach the level)."""
     lines = [
-        "| run | family | seeds | " + " | ".join(f"exact {k}" for k in keys) + " |",
-        "|---" * (len(keys) + 3) + "|",
+        f"| family − {reference} | {' | '.join(f'pass@1 = {x:.3f}' for x in levels)} |",
+        "|---" * (len(levels) + 1) + "|",
     ]
+    for family, by_metric in frontiers.items():
+        if family == reference:
+            continue
+        cells = []
+        for j, x in enumerate(levels):
+            mine, theirs = value_at(by_metric[metric], x), value_at(frontiers[reference][metric], x)
+            if mine is None or theirs is None:
+                cells.append("–")
+                continue
+            diff = matched[family][metric][:, j] - matched[reference][metric][:, j]
+            cells.append(_cell(mine - theirs, spread(diff), signed=True))
+        lines.append(f"| {family} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def points_table(
+    points: list[dict[str, Any]],
+    families: dict[str, str],
+    means: dict[str, dict[str, np.ndarray]] | None = None,
+) -> str:
+    """Markdown: every arm's mean ± SE of each metric; with `means` (from `paired_resamples`) also its
+    pass@1 gain over the base model ± the paired SE of that gain."""
+    keys = ("pass@1", *(m for m, _, _ in METRICS))
+    gain = means is not None and BASE in means
+    lines = [
+        "| run | family | seeds | "
+        + " | ".join(f"exact {k}" for k in keys)
+        + (" | pass@1 − base (paired SE)" if gain else "")
+        + " |",
+        "|---" * (len(keys) + 3 + gain) + "|",
+    ]
+    base = next((p for p in points if p["run"] == BASE), None)
     for p in points:
         cells = [f"{p[k]:.3f} ± {p[f'{k}_se']:.3f}" for k in keys]
+        if gain and base is not None:
+            paired = means[p["run"]]["pass@1"] - means[BASE]["pass@1"]
+            cells.append(
+                "–" if p["run"] == BASE else _cell(p["pass@1"] - base["pass@1"], spread(paired), True)
+            )
         family = families.get(p["run"], "–") if p["run"] != BASE else "–"
         lines.append(f"| {p['run']} | {family} | {p['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -209,36 +327,53 @@ PROMPT_SETS = (
 
 
 def study_section(
-    output_dir: Path, runs: list[tuple[str, str, str]], seeds: list[int], file: str, title: str, figure: str
+    output_dir: Path,
+    runs: list[tuple[str, str, str]],
+    seeds: list[int],
+    file: str,
+    title: str,
+    figure: str,
+    reference: str | None = None,
 ) -> list[str] | None:
-    """Markdown sections (points table, matched-pass@1 tables) and the frontier figure for one prompt set;
-    None when the base model or every arm lacks that set's exact metrics."""
+    """Markdown sections (points table, matched-pass@1 tables, differences from the reference family) and
+    the frontier figure for one prompt set; None when the base model or every arm lacks that set's exact
+    metrics. `reference` defaults to the first family of `runs`."""
     families = {name: family for name, _, family in runs}
-    evaluations: dict[str, list[dict[str, Any]]] = {}
+    evaluations: dict[str, dict[int, dict[str, Any]]] = {}
     for name, slug, _ in [(BASE, "base", BASE), *runs]:
-        found = [output_dir / "eval" / f"{slug}-seed{s}" / file for s in seeds]
-        exact = [json.loads(p.read_text()) for p in found if p.exists()]
-        if exact and all("per_prompt" in e for e in exact):
+        found = {s: output_dir / "eval" / f"{slug}-seed{s}" / file for s in seeds}
+        exact = {s: json.loads(p.read_text()) for s, p in found.items() if p.exists()}
+        if exact and all("per_prompt" in e for e in exact.values()):
             evaluations[name] = exact
     if BASE not in evaluations or len(evaluations) < 2:
         return None
-    points = arm_points(evaluations)
+    points = arm_points({arm: list(by_seed.values()) for arm, by_seed in evaluations.items()})
     frontiers = family_frontiers(points, families)
     levels = matched_levels(points)
+    means, matched = paired_resamples(evaluations, families, levels)
+    if reference not in frontiers:
+        reference = next(iter(frontiers))
     plot_study(points, frontiers, families, output_dir / figure, prompts=title.split(" (")[0])
-    sections = [f"## On the {title}", f"![frontiers]({figure})", points_table(points, families)]
+    sections = [f"## On the {title}", f"![frontiers]({figure})", points_table(points, families, means)]
     for metric, label, higher in METRICS:
         better = "higher" if higher else "lower"
         sections += [
-            f"### {label} at matched pass@1 ({better} is better; every frontier includes the base model)",
-            matched_table(frontiers, levels, metric),
+            f"### {label} at matched pass@1 ({better} is better; every frontier includes the base model; "
+            "± bootstrap SE over seeds and prompts)",
+            matched_table(frontiers, levels, metric, matched),
+            f"Difference from {reference} at the same pass@1, ± its paired bootstrap SE (one draw of seeds "
+            "and prompts for every arm, so the spread the arms share cancels):",
+            difference_table(frontiers, levels, metric, matched, reference),
         ]
     return sections
 
 
-def write_study(output_dir: Path, runs: list[tuple[str, str, str]], seeds: list[int]) -> Path | None:
-    """study.md and figures from a frontier's output directory. `runs` is (name, slug, family) per arm.
-    None when the task has no exact metrics (nothing to write)."""
+def write_study(
+    output_dir: Path, runs: list[tuple[str, str, str]], seeds: list[int], reference: str | None = None
+) -> Path | None:
+    """study.md and figures from a frontier's output directory. `runs` is (name, slug, family) per arm;
+    families are compared with `reference` (default: the first family of `runs`). None when the task has
+    no exact metrics (nothing to write)."""
     from filtered_rl.evaluation.outputs import atomic_write_text
     from filtered_rl.synthetic.exact_curve import CURVE_FILE, read_curve
 
@@ -249,7 +384,7 @@ def write_study(output_dir: Path, runs: list[tuple[str, str, str]], seeds: list[
     ]
     found = False
     for file, title, figure in PROMPT_SETS:
-        part = study_section(output_dir, runs, seeds, file, title, figure)
+        part = study_section(output_dir, runs, seeds, file, title, figure, reference)
         if part is not None:
             sections += part
             found = True
