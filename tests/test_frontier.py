@@ -152,8 +152,11 @@ def test_study_arms_run_the_curve_the_exact_partition_and_write_the_study(tmp_pa
     assert "training prompts" in study and "held-out prompts" in study  # both prompt sets, each its tables
     # --report-only summarises what finished and trains nothing: an arm never trained is left out
     more = replace(preset, runs=(*preset.runs, ARMS["mara"]))
-    rows = run_frontier(more, out, [0], threads=1, base_model=base, report_only=True)
+    pair = ("grpo-beta-0", "base")
+    rows = run_frontier(more, out, [0], threads=1, base_model=base, report_only=True, compare=[pair])
     assert [r["run"] for r in rows] == ["base model", "grpo β=0", column_arm.name]
+    study = (out / "study.md").read_text()
+    assert study.count("| grpo β=0 − base model | ") == 2  # both prompt sets
     assert not (out / "train" / "mara-beta-0-1-seed0").exists()
     train_exact = json.loads((out / "eval" / "base-seed0" / "exact_train.json").read_text())
     assert train_exact["num_prompts"] == 8 and train_exact["kl_pstar_policy_valid"] == pytest.approx(
@@ -216,3 +219,19 @@ def test_rehearsal_samples_the_training_prompts_even_when_the_pool_is_smaller(
                                       tmp_path, preset, seed=3)  # fmt: skip
     assert asked["num_prompts"] == 581 and asked["num_samples"] == 32 and asked["min_correct"] == 1
     assert spec.options["rehearsal_path"] == str(tmp_path / "rehearsal" / "seed3-k32-min1")
+
+
+def test_compare_names_arms_of_the_run_and_fails_before_any_model_loads(tmp_path: Path, capsys) -> None:
+    """`--compare A:B` takes two arm names (or base); a malformed or unknown pair is a usage error, and an
+    arm that is not among the run's arms fails naming the flag and the arms to choose from."""
+    from filtered_rl.cli import main
+
+    for bad in ("grpo-beta-0", "grpo-beta-0:nonsense"):
+        with pytest.raises(SystemExit) as stop:
+            main(["frontier", "--compare", bad, "--output-dir", str(tmp_path / "o")])
+        assert stop.value.code == 2 and "--compare" in capsys.readouterr().err
+    with pytest.raises(
+        ValueError, match=r"--compare mara:base: 'mara' is not an arm of this run.*grpo-beta-0-01"
+    ):
+        run_frontier("quick", tmp_path / "o", [0], compare=[("mara", "base")])
+    assert not (tmp_path / "o").exists()  # refused before pretraining or writing anything

@@ -11,6 +11,7 @@ import pytest
 from filtered_rl.synthetic.exact_curve import read_curve
 from filtered_rl.synthetic.study import (
     BASE,
+    arm_difference_table,
     arm_points,
     difference_table,
     family_frontiers,
@@ -135,3 +136,17 @@ def test_an_arm_with_fewer_seeds_is_resampled_from_its_own() -> None:
         np.round(means["long"]["pass@1"], 9), [0.4, 0.45, 0.5]
     ).all()  # only its own seed's prompts
     assert spread(np.full(10, np.nan)) is None and spread(np.array([1.0, np.nan, 3.0])) is not None
+
+
+def test_named_arm_differences_are_paired_and_name_what_is_missing() -> None:
+    rng = np.random.default_rng(2)
+    shared = rng.uniform(0.0, 0.5, size=(2, 30))
+    evaluations = {
+        BASE: _seeded({s: list(shared[s]) for s in range(2)}),
+        "a": _seeded({s: list(shared[s] + 0.02) for s in range(2)}),  # the base + 0.02 on every prompt
+    }
+    means, _ = paired_resamples(evaluations, {"a": "fam"}, [0.3])
+    table = arm_difference_table(means, [("a", BASE), ("a", "never ran")])
+    row = next(line for line in table.splitlines() if line.startswith("| a − base model |"))
+    assert all(cell.strip() == "+0.020 ± 0.000" for cell in row.split("|")[2:-1])  # every metric, no spread
+    assert "not evaluated: never ran" in table

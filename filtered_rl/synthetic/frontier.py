@@ -573,6 +573,7 @@ def run_frontier(
     arms: list[str] | None = None,
     task: str | None = None,
     report_only: bool = False,
+    compare: list[tuple[str, str]] = (),
 ) -> list[dict]:
     """Pretrain (cached) the base model, train every run for every seed, evaluate all; write results.
 
@@ -581,7 +582,8 @@ def run_frontier(
 
     `preset` is a name in PRESETS or a Preset; `base_model` overrides the preset's pretrained base; `arms`
     (names in ARMS) replaces the preset's runs, keeping its sizes; `task` (a registered synthetic task)
-    replaces the preset's task, with completions long enough for it.
+    replaces the preset's task, with completions long enough for it. `compare` lists (A, B) pairs of
+    names in ARMS (or "base") whose paired differences `study.md` tables; both must be runs of the preset.
     """
     import torch
 
@@ -591,6 +593,7 @@ def run_frontier(
     if threads:
         torch.set_num_threads(threads)
     preset = select_task(select_arms(PRESETS[preset] if isinstance(preset, str) else preset, arms), task)
+    compare_names = compared_runs(preset, compare)  # before anything is trained or loaded
     output_dir.mkdir(parents=True, exist_ok=True)
     base = base_model or load_or_pretrain(
         size=preset.base_size, seed=0, task=preset.task, steps=preset.base_steps
@@ -625,8 +628,26 @@ def run_frontier(
         [(spec.name, slug(spec.name), spec.family_name) for spec in preset.runs],
         seeds,
         reference=KL_GRPO,
+        compare=compare_names,
     )
     return rows
+
+
+def compared_runs(preset: Preset, compare: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """`--compare` pairs as run names (the study's BASE for "base"); an arm outside the preset fails, naming it."""
+    from filtered_rl.synthetic.study import BASE
+
+    names = {slug(spec.name) for spec in preset.runs}
+    out = []
+    for pair in compare:
+        for arm in pair:
+            if arm != "base" and (arm not in ARMS or slug(ARMS[arm].name) not in names):
+                raise ValueError(
+                    f"--compare {':'.join(pair)}: {arm!r} is not an arm of this run; choose from base, "
+                    + ", ".join(slug(spec.name) for spec in preset.runs)
+                )
+        out.append(tuple(BASE if arm == "base" else ARMS[arm].name for arm in pair))
+    return out
 
 
 def aggregate(rows: list[dict]) -> list[dict]:
@@ -766,6 +787,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train nothing: evaluate and summarise the runs already finished in --output-dir (others are "
         "left out), e.g. while some seeds still run in other processes",
     )
+    parser.add_argument(
+        "--compare",
+        type=_arm_pair,
+        action="append",
+        default=[],
+        metavar="A:B",
+        help="arm A minus arm B (names as in --arms, or base) in every exact metric, ± the paired bootstrap SE, "
+        "as a table of study.md; repeatable, e.g. --compare filtered-forward-kl:grpo-beta-0-2",
+    )
 
 
 def _model_dir(text: str) -> Path:
@@ -783,6 +813,18 @@ def _arm_list(text: str) -> list[str]:
     return names
 
 
+def _arm_pair(text: str) -> tuple[str, str]:
+    parts = [name.strip() for name in text.split(":")]
+    if len(parts) != 2 or not all(parts):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected A:B, two arm names, e.g. filtered-forward-kl:base"
+        )
+    unknown = [name for name in parts if name != "base" and name not in ARMS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown arm(s) {unknown}; choose from base, {', '.join(ARMS)}")
+    return parts[0], parts[1]
+
+
 def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     rows = run_frontier(
@@ -794,6 +836,7 @@ def run(args: argparse.Namespace) -> int:
         task=getattr(args, "task", None),
         base_model=getattr(args, "base_model", None),
         report_only=getattr(args, "report_only", False),
+        compare=getattr(args, "compare", []),
     )
     print(format_table(aggregate(rows)))
     print(

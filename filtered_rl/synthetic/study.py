@@ -326,6 +326,24 @@ PROMPT_SETS = (
 )
 
 
+def arm_difference_table(means: dict[str, dict[str, np.ndarray]], pairs: list[tuple[str, str]]) -> str:
+    """Markdown: arm A minus arm B in each metric, ± the paired bootstrap SE (`means` from `paired_resamples`);
+    a pair with an arm not evaluated on this prompt set says so."""
+    keys = ("pass@1", *(m for m, _, _ in METRICS))
+    lines = ["| A − B | " + " | ".join(f"exact {k}" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for a, b in pairs:
+        missing = [arm for arm in (a, b) if arm not in means]
+        if missing:
+            lines.append(f"| {a} − {b} | not evaluated: {', '.join(missing)} |" + " |" * (len(keys) - 1))
+            continue
+        cells = []
+        for k in keys:
+            diff = means[a][k] - means[b][k]
+            cells.append(_cell(float(diff.mean()), spread(diff), signed=True))
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def study_section(
     output_dir: Path,
     runs: list[tuple[str, str, str]],
@@ -334,10 +352,12 @@ def study_section(
     title: str,
     figure: str,
     reference: str | None = None,
+    compare: list[tuple[str, str]] = (),
 ) -> list[str] | None:
     """Markdown sections (points table, matched-pass@1 tables, differences from the reference family) and
     the frontier figure for one prompt set; None when the base model or every arm lacks that set's exact
-    metrics. `reference` defaults to the first family of `runs`."""
+    metrics. `reference` defaults to the first family of `runs`; `compare` lists (arm A, arm B) run names
+    (or BASE) whose paired differences get a table of their own."""
     families = {name: family for name, _, family in runs}
     evaluations: dict[str, dict[int, dict[str, Any]]] = {}
     for name, slug, _ in [(BASE, "base", BASE), *runs]:
@@ -365,15 +385,24 @@ def study_section(
             "and prompts for every arm, so the spread the arms share cancels):",
             difference_table(frontiers, levels, metric, matched, reference),
         ]
+    if compare:
+        sections += [
+            "### Paired differences between named arms (± paired bootstrap SE over seeds and prompts)",
+            arm_difference_table(means, list(compare)),
+        ]
     return sections
 
 
 def write_study(
-    output_dir: Path, runs: list[tuple[str, str, str]], seeds: list[int], reference: str | None = None
+    output_dir: Path,
+    runs: list[tuple[str, str, str]],
+    seeds: list[int],
+    reference: str | None = None,
+    compare: list[tuple[str, str]] = (),
 ) -> Path | None:
     """study.md and figures from a frontier's output directory. `runs` is (name, slug, family) per arm;
-    families are compared with `reference` (default: the first family of `runs`). None when the task has
-    no exact metrics (nothing to write)."""
+    families are compared with `reference` (default: the first family of `runs`), and the (A, B) run-name
+    pairs of `compare` arm by arm. None when the task has no exact metrics (nothing to write)."""
     from filtered_rl.evaluation.outputs import atomic_write_text
     from filtered_rl.synthetic.exact_curve import CURVE_FILE, read_curve
 
@@ -384,7 +413,7 @@ def write_study(
     ]
     found = False
     for file, title, figure in PROMPT_SETS:
-        part = study_section(output_dir, runs, seeds, file, title, figure, reference)
+        part = study_section(output_dir, runs, seeds, file, title, figure, reference, compare)
         if part is not None:
             sections += part
             found = True
