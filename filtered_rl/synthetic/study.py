@@ -33,6 +33,7 @@ METRICS = (
     ("kl_valid", "exact KL(p* ‖ π(·|valid))", False),
 )
 BASE = "base model"
+KEYS = ("pass@1", *(m for m, _, _ in METRICS))  # every per-arm value: exact pass@1, then the diversity axes
 
 
 def per_prompt_values(exact: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -54,7 +55,7 @@ def arm_points(evaluations: dict[str, list[dict[str, Any]]]) -> list[dict[str, A
         values = [per_prompt_values(e) for e in seeds]
         width = min(len(v["pass@1"]) for v in values)
         point: dict[str, Any] = {"run": arm, "seeds": len(seeds)}
-        for key in ("pass@1", *(m for m, _, _ in METRICS)):
+        for key in KEYS:
             matrix = np.stack([v[key][:width] for v in values])
             point[key] = float(matrix.mean())
             point[f"{key}_se"] = bootstrap_se(matrix)
@@ -85,9 +86,8 @@ def paired_resamples(
     }
     width = min(len(v["pass@1"]) for by_seed in values.values() for v in by_seed.values())
     all_seeds = sorted({s for by_seed in values.values() for s in by_seed})
-    keys = ("pass@1", *(m for m, _, _ in METRICS))
     rng = np.random.default_rng(seed)
-    means = {arm: {k: np.empty(num_resamples) for k in keys} for arm in values}
+    means = {arm: {k: np.empty(num_resamples) for k in KEYS} for arm in values}
     matched: dict[str, dict[str, np.ndarray]] = {}
     for i in range(num_resamples):
         drawn = rng.choice(all_seeds, len(all_seeds))
@@ -98,7 +98,7 @@ def paired_resamples(
             if not rows:
                 rows = list(rng.choice(sorted(by_seed), len(by_seed)))
             point: dict[str, Any] = {"run": arm}
-            for k in keys:
+            for k in KEYS:
                 point[k] = means[arm][k][i] = np.stack([by_seed[s][k][:width][cols] for s in rows]).mean()
             points.append(point)
         for family, by_metric in family_frontiers(points, families).items():
@@ -212,18 +212,17 @@ def points_table(
 ) -> str:
     """Markdown: every arm's mean ± SE of each metric; with `means` (from `paired_resamples`) also its
     pass@1 gain over the base model ± the paired SE of that gain."""
-    keys = ("pass@1", *(m for m, _, _ in METRICS))
     gain = means is not None and BASE in means
     lines = [
         "| run | family | seeds | "
-        + " | ".join(f"exact {k}" for k in keys)
+        + " | ".join(f"exact {k}" for k in KEYS)
         + (" | pass@1 − base (paired SE)" if gain else "")
         + " |",
-        "|---" * (len(keys) + 3 + gain) + "|",
+        "|---" * (len(KEYS) + 3 + gain) + "|",
     ]
     base = next((p for p in points if p["run"] == BASE), None)
     for p in points:
-        cells = [f"{p[k]:.3f} ± {p[f'{k}_se']:.3f}" for k in keys]
+        cells = [f"{p[k]:.3f} ± {p[f'{k}_se']:.3f}" for k in KEYS]
         if gain and base is not None:
             paired = means[p["run"]]["pass@1"] - means[BASE]["pass@1"]
             cells.append(
@@ -329,15 +328,14 @@ PROMPT_SETS = (
 def arm_difference_table(means: dict[str, dict[str, np.ndarray]], pairs: list[tuple[str, str]]) -> str:
     """Markdown: arm A minus arm B in each metric, ± the paired bootstrap SE (`means` from `paired_resamples`);
     a pair with an arm not evaluated on this prompt set says so."""
-    keys = ("pass@1", *(m for m, _, _ in METRICS))
-    lines = ["| A − B | " + " | ".join(f"exact {k}" for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines = ["| A − B | " + " | ".join(f"exact {k}" for k in KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
     for a, b in pairs:
         missing = [arm for arm in (a, b) if arm not in means]
         if missing:
-            lines.append(f"| {a} − {b} | not evaluated: {', '.join(missing)} |" + " |" * (len(keys) - 1))
+            lines.append(f"| {a} − {b} | not evaluated: {', '.join(missing)} |" + " |" * (len(KEYS) - 1))
             continue
         cells = []
-        for k in keys:
+        for k in KEYS:
             diff = means[a][k] - means[b][k]
             cells.append(_cell(float(diff.mean()), spread(diff), signed=True))
         lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
