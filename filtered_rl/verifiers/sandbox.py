@@ -160,7 +160,7 @@ class SandboxPool:
         """Run (program, tests) pairs in parallel; results in input order."""
         self._check()
         limits = limits or SandboxLimits()
-        requests = [{"program": p, "tests": t, "limits": asdict(limits)} for p, t in jobs]
+        requests = [{"program": p, "tests": _as_source(t), "limits": asdict(limits)} for p, t in jobs]
         # The worker enforces the timeout itself; the pool deadline only catches a wedged worker.
         replies = self._pool.map(requests, deadline_s=limits.timeout + 30.0)
         return [
@@ -213,6 +213,11 @@ class SandboxPool:
         self._pool.close()
 
 
+def _as_source(tests: str | list[str] | tuple[str, ...]) -> str:
+    """Tests as source: a string as is, a list/tuple of statements (e.g. asserts) joined by newlines."""
+    return tests if isinstance(tests, str) else "\n".join(str(line) for line in tests)
+
+
 _default_pool: SandboxPool | None = None
 _default_lock = threading.Lock()
 
@@ -228,12 +233,12 @@ def default_pool() -> SandboxPool:
 
 def run_code(
     program: str,
-    tests: str,
+    tests: str | list[str] | tuple[str, ...],
     timeout: float = 5.0,
     limits: SandboxLimits | None = None,
     pool: SandboxPool | None = None,
 ) -> ExecutionResult:
-    """Run `program` then `tests` (Python source, e.g. asserts) in the sandbox.
+    """Run `program` then `tests` (Python source, or a list of statements such as asserts) in the sandbox.
 
     Passed means the tests ran to completion without raising. `limits` overrides `timeout`.
     """
