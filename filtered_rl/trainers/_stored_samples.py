@@ -1,6 +1,6 @@
-"""Stored samples in an extra loss: what DPH-RL's rehearsal and filtered_pstar's p* draws share.
+"""Stored samples in an extra loss: what DPH-RL's rehearsal, filtered_pstar's p* draws and RFT share.
 
-Both add a loss on samples drawn before training (`filtered_rl.rehearsal`). Which samples a loss call
+Each adds a loss on samples drawn before training (`filtered_rl.rehearsal`). Which samples a loss call
 draws depends only on (seed, process, global step, call index in the step), so a resumed run draws the
 same ones; the policy scores them at temperature 1, as they were stored.
 """
@@ -19,12 +19,17 @@ class StoredSampleDraws:
 
     _draw: tuple[int, int] = (-1, 0)  # (global step, loss calls in that step)
 
-    def draw_generator(self) -> torch.Generator:
-        """A generator for this loss call's draw, seeded by (seed, process, global step, call in the step)."""
+    def next_draw(self) -> tuple[int, int]:
+        """(global step, index of this loss call in the step): counts the call, names what it draws."""
         step, calls = self._draw
         calls = calls + 1 if step == self.state.global_step else 0
         self._draw = (self.state.global_step, calls)
-        stream = self.accelerator.process_index * 2**32 + self.state.global_step
+        return self._draw
+
+    def draw_generator(self) -> torch.Generator:
+        """A generator for this loss call's draw, seeded by (seed, process, global step, call in the step)."""
+        step, calls = self.next_draw()
+        stream = self.accelerator.process_index * 2**32 + step
         return torch.Generator().manual_seed(sample_seed(self.args.seed, stream, calls))
 
     def stored_logprobs(self, model: Any, samples: list[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor]:
