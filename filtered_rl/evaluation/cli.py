@@ -49,7 +49,11 @@ _positive_int = _number(int, 1)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from filtered_rl.data import default_dataset, verifier_names
 
-    parser.add_argument("--model", required=True, help="model directory or hub id (a Hugging Face causal LM)")
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="model directory, hub id (a Hugging Face causal LM) or filtered-rl:nano|small|smollm2-135m",
+    )
     parser.add_argument(
         "--dataset",
         default=default_dataset(),
@@ -148,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         config = _config(args)  # checks the flags together, before torch is even imported
     except EvalConfigError as error:
         usage_error(str(error))
+    config = _resolve_named_models(config)
 
     import datasets
     import torch
@@ -173,11 +178,26 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resolve_named_models(config: EvalConfig) -> EvalConfig:
+    """`filtered-rl:<name>` (filtered_rl.models) → the cached directory, built or converted on first use."""
+    from dataclasses import replace
+
+    from filtered_rl.models import NamedModelError, resolve_model
+
+    try:
+        base = config.base_model and resolve_model(config.base_model)
+        return replace(config, model=resolve_model(config.model), base_model=base)
+    except NamedModelError as error:
+        usage_error(str(error))
+
+
 def _config(args: argparse.Namespace) -> EvalConfig:
     from filtered_rl.evaluation.runner import EvalConfig
 
     output_dir = args.output_dir or str(
-        Path("runs") / "eval" / f"{Path(args.model).name}-{Path(args.dataset).stem}"
+        Path("runs")
+        / "eval"
+        / f"{Path(args.model.removeprefix('filtered-rl:')).name}-{Path(args.dataset).stem}"
     )
     return EvalConfig(
         model=args.model,
