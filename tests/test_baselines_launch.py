@@ -13,7 +13,18 @@ from _launch import free_port, run_launch
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "configs" / "countdown-nano-cpu.yaml"
-ALGORITHMS = ["mara", "dph", "unlikeliness", "passk", "inverse_success", "tilted"]
+ALGORITHMS = [
+    "mara",
+    "dph",
+    "unlikeliness",
+    "passk",
+    "inverse_success",
+    "tilted",
+    "rft",
+    "raft",
+    "reinforce_rej",
+]
+STORED_SAMPLES = ("dph", "rft")  # read the offline set (the fixture's keeps every verified sample: rft's too)
 
 
 def launch(target: list[str], cwd: Path) -> object:
@@ -47,7 +58,8 @@ def rehearsal_dir(nano_model_dir: Path, tmp_path_factory) -> Path:
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_two_process_cpu_run_trains(algorithm: str, nano_model_dir: Path, tmp_path: Path, request) -> None:
     out = tmp_path / "run"
-    extra = ["--rehearsal_path", str(request.getfixturevalue("rehearsal_dir"))] if algorithm == "dph" else []
+    stored = algorithm in STORED_SAMPLES
+    extra = ["--rehearsal_path", str(request.getfixturevalue("rehearsal_dir"))] if stored else []
     result = launch(
         [str(ROOT / "recipes" / "train.py"), "--config", str(RECIPE), "--algorithm", algorithm,
          "--model_name_or_path", str(nano_model_dir), "--output_dir", str(out), "--countdown_train_prompts", "64",
@@ -62,6 +74,8 @@ def test_two_process_cpu_run_trains(algorithm: str, nano_model_dir: Path, tmp_pa
     assert all(f"{prefix}/validity" in entry for entry in logs)
     if algorithm == "dph":
         assert all(entry["dph/rehearsal_loss"] >= 0 for entry in logs)
+    if algorithm == "rft":
+        assert all(entry["rft/nll"] > 0 for entry in logs)
     assert (out / "model.safetensors").exists()
 
 

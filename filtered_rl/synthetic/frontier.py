@@ -36,9 +36,10 @@ import numpy as np
 class RunSpec:
     """One training configuration: `algorithm` is any registered algorithm (`filtered-rl train --list`).
 
-    `dph` and `filtered_pstar` need offline base-model samples: the frontier draws `rehearsal_samples` per
-    training prompt (cached under `<output-dir>/rehearsal/`) and keeps the verified ones of the prompts with
-    at least `rehearsal_min_correct` of them (`filtered_pstar`: 1, every verified sample is a draw of p*).
+    `dph`, `filtered_pstar` and `rft` need offline base-model samples: the frontier draws `rehearsal_samples`
+    per training prompt (cached under `<output-dir>/rehearsal/`) and keeps the verified ones of the prompts
+    with at least `rehearsal_min_correct` of them (`filtered_pstar`, `rft`: 1, every verified sample is a
+    draw of p*).
     `pstar_distill` is no RL algorithm: the exact distillation of p* (`filtered_rl.synthetic.distill`).
     """
 
@@ -46,8 +47,8 @@ class RunSpec:
     algorithm: str
     options: dict[str, Any] = field(default_factory=dict)  # config fields: beta, divergence, alpha, ...
     target_validity: float | None = None  # grpo/rloo only: the β-from-μ controller
-    rehearsal_min_correct: int | None = None  # dph/filtered_pstar (None: all of them, the paper's)
-    rehearsal_samples: int = 8  # dph/filtered_pstar: base-model samples per training prompt
+    rehearsal_min_correct: int | None = None  # dph/filtered_pstar/rft (None: all of them, the paper's)
+    rehearsal_samples: int = 8  # dph/filtered_pstar/rft: base-model samples per training prompt
     family: str | None = None  # the method family whose frontier this run is a point of (None: algorithm)
 
     @property
@@ -251,14 +252,14 @@ def select_task(preset: Preset, task: str | None) -> Preset:
     return replace(preset, task=task, max_completion_length=length)
 
 
-REHEARSAL_ALGORITHMS = ("dph", "filtered_pstar")
+REHEARSAL_ALGORITHMS = ("dph", "filtered_pstar", "rft")
 
 
 def prepare_rehearsal(
     spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset, seed: int
 ) -> RunSpec:
-    """`dph`/`filtered_pstar` runs: draw (once, resumably) the base model's samples of the training prompts;
-    else unchanged."""
+    """`dph`/`filtered_pstar`/`rft` runs: draw (once, resumably) the base model's samples of the training
+    prompts; else unchanged."""
     if spec.algorithm not in REHEARSAL_ALGORITHMS or "rehearsal_path" in spec.options:
         return spec
     from filtered_rl.rehearsal import sample_rehearsal
