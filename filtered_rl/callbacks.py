@@ -400,3 +400,43 @@ def _sequence_logps_for_importance(trainer: Any, output: dict) -> tuple[torch.Te
     else:  # GRPO fully on-policy: the current model is the one that sampled
         log_old = (per_token_logps(trainer, output, reference=False) * mask).sum(1)
     return log_ref, log_old
+
+
+class RunDirectoryCallback(TrainerCallback):
+    """Keeps `filtered-rl train`'s output_dir safe (`filtered_rl.run_dir`): claims what the run writes in
+    the directory's marker, writes each checkpoint's completeness marker last, and does the
+    `save_total_limit` rotation itself, deleting only complete checkpoints the project wrote.
+
+    `foreign`: the entries that were in output_dir before the run and are not the project's; they are
+    never claimed, rotated or overwritten. Pass the config's `save_total_limit` here and set the
+    config's to None, so that transformers' own rotation (which deletes any checkpoint-N) is off.
+    """
+
+    def __init__(self, output_dir: str, foreign: set[str], save_total_limit: int | None):
+        from pathlib import Path
+
+        self.output_dir = Path(output_dir)
+        self.foreign = set(foreign)
+        self.save_total_limit = save_total_limit
+
+    def on_step_end(self, args, state, control, **kwargs):
+        # Claimed before transformers creates the folder: a kill while saving leaves a folder of ours.
+        if control.should_save and args.should_save:
+            from filtered_rl.run_dir import claim
+
+            claim(self.output_dir, [f"checkpoint-{state.global_step}"])
+
+    def on_save(self, args, state, control, **kwargs):
+        from accelerate import PartialState
+
+        from filtered_rl.run_dir import claim, new_entries, rotate_checkpoints, write_checkpoint_marker
+
+        PartialState().wait_for_everyone()  # every process's rng_state_<rank>.pth is written
+        if not args.should_save:
+            return
+        checkpoint = self.output_dir / f"checkpoint-{state.global_step}"
+        if checkpoint.is_dir():
+            write_checkpoint_marker(checkpoint, state.global_step)
+        claim(self.output_dir, new_entries(self.output_dir, self.foreign))
+        keep = {state.best_model_checkpoint} if state.best_model_checkpoint else set()
+        rotate_checkpoints(self.output_dir, self.save_total_limit, keep)

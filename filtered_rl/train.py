@@ -70,8 +70,26 @@ class ScriptArguments:
         default=None,
         metadata={"help": "chat-formatted prompts (default: true for math/code, false for synthetic tasks)"},
     )
-    countdown_train_prompts: int = field(
-        default=2000, metadata={"help": "generated countdown training prompts"}
+    countdown_train_prompts: int | None = field(
+        default=None,
+        metadata={
+            "help": "training prompts of a synthetic task (default: the task's default; countdown has 638, "
+            "more is refused)"
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "train into an output_dir holding files filtered-rl did not write (they are still never "
+            "overwritten or deleted); without it such a directory is refused unless resuming"
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "longest prompt in tokens (chat template applied); longer ones are refused before training. "
+            "Default: the model's max_position_embeddings minus max_completion_length"
+        },
     )
 
 
@@ -202,8 +220,21 @@ def resolve_model(name_or_path: str) -> str:
 
 
 def parse_recipe_args(argv: list[str]) -> tuple[str, tuple]:
-    """(algorithm, (script_args, training_args, model_args[, controller_args])) from flags + YAML."""
-    algorithm, argv = resolve_config(argv)
+    """(algorithm, (script_args, training_args, model_args[, controller_args])) from flags + YAML.
+
+    Settings that cannot work are refused here, naming the field (`check_settings`); a sectioned YAML's
+    flattened copy (`resolve_config`) is deleted once parsed."""
+    given = _flag_value(argv, "--config")
+    algorithm, resolved = resolve_config(argv)
+    flattened = _flag_value(resolved, "--config")
+    try:
+        return _parse(algorithm, resolved)
+    finally:
+        if flattened and flattened != given:
+            Path(flattened).unlink(missing_ok=True)
+
+
+def _parse(algorithm: str, argv: list[str]) -> tuple[str, tuple]:
     from trl import ModelConfig, TrlParser
 
     from filtered_rl.trainers import ALGORITHMS
@@ -217,10 +248,74 @@ def parse_recipe_args(argv: list[str]) -> tuple[str, tuple]:
             f"filtered-rl train: target_validity (the β-from-μ controller) is not available for algorithm "
             f"{algorithm!r}: " + CONTROLLER_ALTERNATIVES
         )
+    generations = _setting(argv, "num_generations")  # TRL's __post_init__ divides by it
+    if generations is not None and _number_or_none(generations) is not None and float(generations) < 2:
+        raise SystemExit(
+            f"filtered-rl train: num_generations={generations}: needs at least 2 completions per prompt (a group's "
+            "advantages compare them); e.g. num_generations: 8"
+        )
     try:
-        return algorithm, TrlParser(dataclasses).parse_args_and_config(args=argv)
-    except ValueError as error:  # a config's __post_init__ names the field
+        parsed = TrlParser(dataclasses).parse_args_and_config(args=argv)
+    except (ValueError, ZeroDivisionError) as error:  # a config's __post_init__ names the field
         raise SystemExit(f"filtered-rl train: {error}") from None
+    check_settings(parsed[0], parsed[1])
+    return algorithm, parsed
+
+
+def _setting(argv: list[str], key: str) -> Any:
+    """A setting's value as given: the flag, else the (flattened) YAML config, else None."""
+    value = _flag_value(argv, f"--{key}")
+    if value is not None:
+        return value
+    config_path = _flag_value(argv, "--config")
+    return _read_yaml(config_path).get(key) if config_path else None
+
+
+def _number_or_none(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_settings(script_args: Any, training_args: Any) -> None:
+    """Refuse settings that would only fail after the model loads (or silently do nothing), naming the
+    field and the fix. Runs right after parsing, before any data or model is loaded."""
+    import math
+
+    def refuse(name: str, value: Any, need: str, example: str) -> None:
+        raise SystemExit(f"filtered-rl train: {name}={value} {need}; e.g. {name}: {example}")
+
+    args = training_args
+    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
+        refuse("learning_rate", args.learning_rate, "must be a number > 0", "1.0e-6")
+    for name, example in (("per_device_train_batch_size", 8), ("gradient_accumulation_steps", 1)):
+        if getattr(args, name) < 1:
+            refuse(name, getattr(args, name), "must be ≥ 1", example)
+    if getattr(args, "max_completion_length", 1) is not None and args.max_completion_length < 1:
+        refuse("max_completion_length", args.max_completion_length, "must be ≥ 1 token", 256)
+    temperature = getattr(args, "temperature", 1.0)
+    if not (math.isfinite(temperature) and temperature > 0):
+        refuse(
+            "temperature", temperature, "must be a number > 0 (training samples; 1.0 = the model itself)", 1.0
+        )
+    beta = getattr(args, "beta", 0.0)
+    if not (math.isfinite(beta) and beta >= 0):
+        refuse("beta", beta, "(the KL coefficient) must be ≥ 0", 0.04)
+    save_by_steps = str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps"
+    if save_by_steps and not (args.save_steps and args.save_steps > 0):
+        refuse(
+            "save_steps",
+            args.save_steps,
+            "must be > 0 with save_strategy: steps (use save_strategy: no to save no checkpoints)",
+            100,
+        )
+    if args.max_steps == 0 or args.max_steps < -1:
+        refuse("max_steps", args.max_steps, "must be ≥ 1 (or -1: num_train_epochs decides)", 500)
+    for name in ("countdown_train_prompts", "max_train_prompts", "max_prompt_length"):
+        value = getattr(script_args, name, None)
+        if value is not None and value < 1:
+            refuse(name, value, "must be ≥ 1 (or left out)", 256)
 
 
 CONTROLLER_ALTERNATIVES = (
@@ -245,12 +340,16 @@ def config_class(algorithm: str) -> type:
     return ALGORITHMS[algorithm].config_class
 
 
-def check_before_loading(task: Any, training_args: Any, controller: Any | None) -> None:
+def check_before_loading(
+    task: Any, training_args: Any, controller: Any | None, script_args: Any | None = None
+) -> None:
     """Fail on settings and data that would only fail later, before any model is loaded (minutes for a real one).
 
     The verifier is called once on the first training row with an empty completion: a missing gold column
     raises there, naming the column, instead of at the first reward call after generation.
     """
+    from filtered_rl.data import DataError, check_verifier_columns
+
     if controller is not None and controller.target_validity is not None and not training_args.beta > 0:
         raise SystemExit(
             f"target_validity={controller.target_validity} (the β-from-μ controller) needs beta > 0 in the config: "
@@ -263,15 +362,17 @@ def check_before_loading(task: Any, training_args: Any, controller: Any | None) 
         )
     if "prompt" not in dataset.column_names:
         raise SystemExit(f"dataset {task.name!r} has no 'prompt' column (columns: {dataset.column_names})")
-    row = dataset[0]
-    columns = {key: [value] for key, value in row.items() if key != "prompt"}
     try:
-        task.verifier(prompts=[row["prompt"]], completions=[""], completion_ids=[[]], **columns)
-    except KeyError as error:
+        check_verifier_columns(task)
+    except DataError as error:
+        raise SystemExit(str(error)) from None
+    wanted = script_args and script_args.max_train_prompts is None and script_args.countdown_train_prompts
+    if wanted and task.synthetic is not None and len(dataset) < wanted:
         raise SystemExit(
-            f"dataset {task.name!r} lacks a column its verifier reads: {error.args[0] if error.args else error} "
-            f"(columns: {dataset.column_names}); set gold_column / prompt_column, or pick the matching verifier"
-        ) from None
+            f"countdown_train_prompts={wanted}: the synthetic task {task.name!r} has only {len(dataset)} distinct "
+            f"training prompts with these options; set countdown_train_prompts: {len(dataset)} or less (or leave it "
+            "out for all of them)"
+        )
 
 
 def list_algorithms() -> str:
@@ -290,34 +391,64 @@ def main(argv: list[str] | None = None) -> int:
     algorithm, (script_args, training_args, model_args, *controller) = parse_recipe_args(argv)
     from trl import get_peft_config, get_quantization_config
 
-    from filtered_rl.callbacks import BetaFromValidityCallback
-    from filtered_rl.data import load_task
+    from filtered_rl import run_dir
+    from filtered_rl.callbacks import BetaFromValidityCallback, RunDirectoryCallback
+    from filtered_rl.data import DataError, load_task
     from filtered_rl.trainers import ALGORITHMS
     from filtered_rl.trainers._base import end_run
 
     trainer_class = ALGORITHMS[algorithm].trainer_class
-    task = load_task(
-        script_args.dataset_name,
-        data_files=script_args.data_files,
-        split=script_args.dataset_train_split,
-        limit=script_args.max_train_prompts,
-        conversational=script_args.conversational,
-        system_prompt=script_args.system_prompt,
-        prompt_column=script_args.prompt_column,
-        verifier=script_args.verifier,
-        gold_column=script_args.gold_column,
-        seed=training_args.seed,
-        countdown_kwargs={"num_train": script_args.countdown_train_prompts},
-    )
+    output_dir = training_args.output_dir
+    try:
+        run_dir.check_model_path(model_args.model_name_or_path, "model_name_or_path")
+        resume = run_dir.resolve_resume(
+            training_args.resume_from_checkpoint, output_dir, log=training_args.process_index == 0
+        )
+        foreign = run_dir.check_train_output_dir(
+            output_dir,
+            resuming=resume is not None,
+            overwrite=script_args.overwrite_output_dir,
+            save_steps=training_args.save_steps,
+            max_steps=training_args.max_steps,
+            save_by_steps=str(getattr(training_args.save_strategy, "value", "")) == "steps",
+            start_step=run_dir.checkpoint_step(resume),
+        )
+    except ValueError as error:  # ResumeError, OutputDirError, a missing model directory
+        raise SystemExit(f"filtered-rl train: {error}") from None
+    try:
+        task = load_task(
+            script_args.dataset_name,
+            data_files=script_args.data_files,
+            split=script_args.dataset_train_split,
+            limit=script_args.max_train_prompts,
+            conversational=script_args.conversational,
+            system_prompt=script_args.system_prompt,
+            prompt_column=script_args.prompt_column,
+            verifier=script_args.verifier,
+            gold_column=script_args.gold_column,
+            seed=training_args.seed,
+            countdown_kwargs=(
+                {"num_train": script_args.countdown_train_prompts}
+                if script_args.countdown_train_prompts
+                else None
+            ),
+        )
+    except (DataError, FileNotFoundError) as error:
+        raise SystemExit(f"filtered-rl train: {error}") from None
 
-    check_before_loading(task, training_args, controller[0] if controller else None)
+    check_before_loading(task, training_args, controller[0] if controller else None, script_args)
     model_path = resolve_model(model_args.model_name_or_path)
+    check_prompt_length_limit(task, model_path, training_args, script_args)
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,
         **(training_args.model_init_kwargs or {}),
     }
+    # transformers' rotation deletes any checkpoint-N folder: RunDirectoryCallback rotates only ours.
+    save_total_limit, training_args.save_total_limit = training_args.save_total_limit, None
+    if training_args.should_save:
+        run_dir.claim(output_dir, [] if "README.md" in foreign else ["README.md"], kind="training run")
     trainer = trainer_class(
         model=model_path,
         reward_funcs=task.verifier,
@@ -325,7 +456,10 @@ def main(argv: list[str] | None = None) -> int:
         train_dataset=task.dataset,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
+        callbacks=[RunDirectoryCallback(output_dir, set(foreign), save_total_limit)],
     )
+    if "README.md" in foreign:  # TRL writes its model card to output_dir/README.md at every save
+        trainer.create_model_card = lambda *args, **kwargs: None
     if controller and controller[0].target_validity is not None:
         BetaFromValidityCallback(
             target_validity=controller[0].target_validity,
@@ -333,11 +467,69 @@ def main(argv: list[str] | None = None) -> int:
             estimator=controller[0].controller_estimator,
         ).attach(trainer)
 
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"model saved to {training_args.output_dir}")
+    trainer.train(resume_from_checkpoint=resume)
+    saved = _save_final_model(trainer, Path(output_dir), set(foreign))
+    trainer.accelerator.print(f"model saved to {saved}")
     end_run(trainer)
     return 0
+
+
+def _save_final_model(trainer: Any, output_dir: Path, foreign: set[str]) -> Path:
+    """`trainer.save_model` into output_dir, claiming what it wrote; with foreign entries there, through a
+    staging folder so that no foreign file is replaced (`run_dir.install_final_model`)."""
+    from filtered_rl import run_dir
+
+    if not foreign:
+        trainer.save_model(str(output_dir))
+        if trainer.args.should_save:
+            run_dir.claim(output_dir, run_dir.new_entries(output_dir, foreign))
+        return output_dir
+    staging = output_dir / run_dir.FINAL_STAGING
+    trainer.save_model(str(staging))
+    if not trainer.args.should_save:
+        return output_dir
+    run_dir.claim(output_dir, [staging.name])
+    return run_dir.install_final_model(output_dir, staging, foreign)
+
+
+def check_prompt_length_limit(task: Any, model_path: str, training_args: Any, script_args: Any) -> None:
+    """Refuse prompts longer than `max_prompt_length` tokens (default: the model's context length minus
+    max_completion_length) before the model loads: such a prompt makes generation hang or run out of memory."""
+    from filtered_rl.data import DataError, check_prompt_lengths, prompt_length_limit, prompt_token_lengths
+
+    limit = prompt_length_limit(
+        model_path, training_args.max_completion_length, script_args.max_prompt_length
+    )
+    if limit is None:
+        return
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return  # TRL reports it when it loads the model
+    dataset = task.dataset
+    ids = (
+        dataset["prompt_id"]
+        if "prompt_id" in dataset.column_names
+        else [f"row {i}" for i in range(len(dataset))]
+    )
+    setting = (
+        f"max_prompt_length={script_args.max_prompt_length}"
+        if script_args.max_prompt_length is not None
+        else f"the model's context length minus max_completion_length={training_args.max_completion_length} "
+        "(set max_prompt_length to change it)"
+    )
+    try:
+        check_prompt_lengths(
+            prompt_token_lengths(dataset["prompt"], tokenizer),
+            ids,
+            limit,
+            setting=setting,
+            source=f"dataset {task.name!r}",
+        )
+    except DataError as error:
+        raise SystemExit(f"filtered-rl train: {error}") from None
 
 
 if __name__ == "__main__":

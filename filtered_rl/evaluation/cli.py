@@ -119,7 +119,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--base-model", default=None, help="base/reference model a: adds KL(p*||pi) and the p*-mass covered"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=_number(int, 0, 2**32 - 1), default=0, help="in [0, 2^32 - 1]")
+    parser.add_argument(
+        "--max-prompt-length",
+        type=_positive_int,
+        default=None,
+        help="refuse prompts longer than this many tokens, before the model loads (default: the model's "
+        "context length minus --max-new-tokens)",
+    )
     parser.add_argument(
         "--backend", default="hf", choices=["hf", "vllm"], help="hf (default) or vllm if installed"
     )
@@ -145,8 +152,10 @@ def usage_error(message: str) -> NoReturn:
 
 
 def run(args: argparse.Namespace) -> int:
+    from filtered_rl.data import DataError
     from filtered_rl.evaluation.outputs import EvalOutputError
     from filtered_rl.evaluation.runner import EvalConfigError, run_eval
+    from filtered_rl.synthetic.base_model import OutputDirError
 
     try:
         config = _config(args)  # checks the flags together, before torch is even imported
@@ -167,8 +176,9 @@ def run(args: argparse.Namespace) -> int:
     except EvalConfigError as error:
         # found once the dataset is loaded (--num-prompts) or the output dir read, before the model loads
         usage_error(str(error))
-    except EvalOutputError as error:
-        # an earlier run's file that cannot be read: the message names it and says what to do
+    except (EvalOutputError, DataError, OutputDirError, FileNotFoundError) as error:
+        # an earlier run's file that cannot be read, bad data, a user's file in --output-dir: the message
+        # names the file (line, row or column) and says what to do
         print(f"filtered-rl eval: error: {error}", file=sys.stderr)
         return 1
     if summary is not None:
@@ -222,6 +232,7 @@ def _config(args: argparse.Namespace) -> EvalConfig:
         backend=args.backend,
         dtype=args.dtype,
         bootstrap=args.bootstrap,
+        max_prompt_length=args.max_prompt_length,
         progress=not args.no_progress,
     )
 

@@ -117,10 +117,18 @@ class EvalConfig:
     dtype: str = "auto"
     bootstrap: int = 1000
     progress: bool = True
+    max_prompt_length: int | None = None  # tokens; None: the model's context length minus max_new_tokens
 
     def __post_init__(self) -> None:
         """Refuse settings that cannot work now, rather than after the model has loaded (or at the end)."""
-        for field in ("num_samples", "batch_size", "bootstrap", "num_prompts", "max_new_tokens"):
+        for field in (
+            "num_samples",
+            "batch_size",
+            "bootstrap",
+            "num_prompts",
+            "max_new_tokens",
+            "max_prompt_length",
+        ):
             value = getattr(self, field)
             if value is not None and value < 1:
                 raise EvalConfigError(f"{_flag(field)} must be ≥ 1, got {value}")
@@ -128,6 +136,8 @@ class EvalConfig:
             raise EvalConfigError(f"--temperature must be ≥ 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise EvalConfigError(f"--top-p must be in (0, 1] (1 = no nucleus filtering), got {self.top_p}")
+        if not 0 <= self.seed < 2**32:
+            raise EvalConfigError(f"--seed must be in [0, 2^32 - 1], got {self.seed}")
         if self.backend not in ("hf", "vllm"):
             raise EvalConfigError(f"--backend must be 'hf' or 'vllm', got {self.backend!r}")
         if self.ks is not None and not self.ks:
@@ -273,11 +283,18 @@ def run_eval(config: EvalConfig, *, sampler: Any = None) -> dict | None:
     from tqdm.auto import tqdm
     from transformers import AutoTokenizer
 
-    from filtered_rl.data import render_prompt
+    from filtered_rl.data import (
+        check_prompt_lengths,
+        check_verifier_columns,
+        prompt_length_limit,
+        render_prompt,
+    )
     from filtered_rl.evaluation.generate import HFSampler, VLLMSampler, sequence_logprobs
+    from filtered_rl.run_dir import check_eval_output_dir, check_model_path, claim_eval_output_dir
 
     state = PartialState(cpu=not torch.cuda.is_available())
     out = Path(config.output_dir)
+    check_eval_output_dir(out)  # never overwrite a summary.json (or any file eval writes) that is not ours
     task = load_config_task(config)
     rows = task.dataset.to_list()
     if config.num_prompts is not None and len(rows) < config.num_prompts:
@@ -303,9 +320,11 @@ def run_eval(config: EvalConfig, *, sampler: Any = None) -> dict | None:
         if not state.is_main_process:
             warnings.simplefilter("ignore")  # a dropped torn line is reported once, by the main process
         previous = _dedup(_read_records([samples_path, *_shards(out)]))
+    check_verifier_columns(task)  # a missing gold column fails now, not after the first decode batch
     state.wait_for_everyone()
     if state.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        claim_eval_output_dir(out, state.num_processes)
         if config_missing:
             atomic_write_text(out / CONFIG_FILE, json.dumps(_sampling_settings(config), indent=2) + "\n")
         if previous or _shards(out):
@@ -315,6 +334,11 @@ def run_eval(config: EvalConfig, *, sampler: Any = None) -> dict | None:
     state.wait_for_everyone()
     done = {(r["prompt_id"], r["sample_index"]) for r in previous}
 
+    try:  # a missing local directory: not the hub's "Repo id must be in the form ..."
+        check_model_path(config.model, "--model")
+        check_model_path(config.base_model, "--base-model")
+    except ValueError as error:
+        raise EvalConfigError(str(error)) from None
     tokenizer = AutoTokenizer.from_pretrained(config.model)
     rendered = [render_prompt(r["prompt"], tokenizer) for r in rows]
     encoded = [
@@ -322,6 +346,15 @@ def run_eval(config: EvalConfig, *, sampler: Any = None) -> dict | None:
         for text, r in zip(rendered, rows)
     ]
     max_new_tokens = _max_new_tokens(config, config.model)
+    check_prompt_lengths(
+        [len(ids) for ids in encoded],
+        prompt_ids,
+        prompt_length_limit(config.model, max_new_tokens, config.max_prompt_length),
+        setting=f"--max-prompt-length {config.max_prompt_length}"
+        if config.max_prompt_length is not None
+        else f"the model's context length minus --max-new-tokens {max_new_tokens} (--max-prompt-length changes it)",
+        source=str(config.dataset),
+    )
 
     batches = plan_batches([len(ids) for ids in encoded], config.num_samples, config.batch_size)
     todo = [
