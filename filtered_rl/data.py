@@ -48,6 +48,10 @@ SYNTHETIC_TASKS_MODULE = "filtered_rl.synthetic.tasks"
 MBPP_SPLITS = {"test": (11, 510), "train": (601, 974), "validation": (511, 600), "prompt": (1, 10)}
 
 
+class DataError(ValueError):
+    """A data file or dataset that cannot be used as it is; the message names the file, line, row or column."""
+
+
 @dataclass
 class Task:
     """A prompt dataset with the verifier that scores its completions."""
@@ -142,9 +146,7 @@ def load_task(
         split = split or "test"
         raw = _load_generic(name, split, data_files)
         if prompt_column not in raw.column_names:
-            raise ValueError(
-                f"dataset {name!r} has no column {prompt_column!r} (columns: {raw.column_names})"
-            )
+            raise DataError(f"dataset {name!r} has no column {prompt_column!r} (columns: {raw.column_names})")
         if limit is not None:
             raw = raw.select(range(min(limit, len(raw))))
         dataset = raw.map(
@@ -282,16 +284,74 @@ def _load_generic(name: str, split: str, data_files: str | Path | None) -> Any:
 
 
 def _read_json_rows(path: Path) -> Any:
-    """A JSON array or JSON-lines file as a Dataset (read directly: no cache files beside read-only data)."""
+    """A JSON array or JSON-lines file as a Dataset (read directly: no cache files beside read-only data).
+
+    Bad data raises `DataError` naming the file and the line (bad JSON), the byte offset (not UTF-8
+    text), or the row and field (a lone surrogate, which no Arrow string can hold)."""
     from datasets import Dataset
 
-    text = path.read_text(encoding="utf-8")
-    rows = (
-        json.loads(text)
-        if text.lstrip().startswith("[")
-        else [json.loads(line) for line in text.splitlines() if line.strip()]
-    )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path}: not a UTF-8 text file (byte 0x{error.object[error.start]:02x} at offset {error.start}); "
+            "expected JSON lines (one object per line) or a JSON array of objects"
+        ) from None
+    if "\x00" in text:
+        raise DataError(
+            f"{path}: holds NUL bytes (offset {text.index(chr(0))}), a binary file; expected JSON lines "
+            "(one object per line) or a JSON array of objects"
+        )
+    if text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise DataError(
+                f"{path}: line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})"
+            ) from None
+        lines = list(range(1, len(rows) + 1)) if isinstance(rows, list) else []
+        where = "item"
+    else:
+        rows, lines, where = [], [], "line"
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(
+                    f"{path}: line {number}, column {error.colno}: not valid JSON ({error.msg}); each line "
+                    "must hold one JSON object"
+                ) from None
+            lines.append(number)
+    if not isinstance(rows, list):
+        raise DataError(
+            f"{path}: expected JSON lines or a JSON array of objects, got a {type(rows).__name__}"
+        )
+    for number, row in zip(lines, rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: {where} {number}: expected a JSON object, got {type(row).__name__}")
+        for field, value in row.items():
+            _check_text(value, f"{path}: {where} {number}, field {field!r}")
     return Dataset.from_list(rows)
+
+
+def _check_text(value: Any, where: str) -> None:
+    """Raise `DataError` if a string (in lists/dicts too) holds a lone surrogate: not valid Unicode text."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise DataError(
+                f"{where}: character {error.start} is a lone surrogate (U+{ord(value[error.start]):04X}), "
+                "not valid Unicode text; fix or drop that row"
+            ) from None
+    elif isinstance(value, list):
+        for item in value:
+            _check_text(item, where)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_text(item, where)
 
 
 # --- per-task normalisation: question text + gold columns + prompt_id --------------------------------
@@ -341,3 +401,66 @@ def _mbpp(raw: Any, split: str) -> Any:
 
 
 _NORMALISERS = {"gsm8k": _gsm8k, "math500": _math500, "humaneval": _humaneval, "mbpp": _mbpp}
+
+
+# --- checks run before a model loads (train and eval) -----------------------------------------------
+
+
+def check_verifier_columns(task: Task) -> None:
+    """Raise `DataError` if the task's verifier reads a column its dataset lacks.
+
+    The verifier is called once on the first row with an empty completion: a missing gold column
+    raises there, naming the column, instead of at the first reward call after generation."""
+    dataset = task.dataset
+    if len(dataset) == 0:
+        return
+    row = dataset[0]
+    columns = {key: [value] for key, value in row.items() if key != "prompt"}
+    try:
+        task.verifier(prompts=[row.get("prompt")], completions=[""], completion_ids=[[]], **columns)
+    except KeyError as error:
+        raise DataError(
+            f"dataset {task.name!r} lacks a column its verifier reads: {error.args[0] if error.args else error} "
+            f"(columns: {dataset.column_names}); set gold_column / prompt_column, or pick the matching verifier"
+        ) from None
+
+
+def prompt_length_limit(model_path: str, completion_tokens: int, explicit: int | None = None) -> int | None:
+    """The longest prompt (tokens) a model takes: `explicit` if given, else its context length
+    (config `max_position_embeddings`) minus the completion budget; None if the config says none."""
+    if explicit is not None:
+        return explicit
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_path)
+    except (OSError, ValueError):
+        return None
+    context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if not context:
+        return None
+    return max(int(context) - int(completion_tokens), 1)
+
+
+def check_prompt_lengths(
+    lengths: list[int], prompt_ids: list[str], limit: int | None, *, setting: str, source: str
+) -> None:
+    """Raise `DataError` naming the prompts longer than `limit` tokens (None: no limit)."""
+    if limit is None:
+        return
+    long = [(n, pid) for n, pid in zip(lengths, prompt_ids) if n > limit]
+    if not long:
+        return
+    shown = ", ".join(f"{pid!r} ({n} tokens)" for n, pid in sorted(long, reverse=True)[:3])
+    raise DataError(
+        f"{len(long)} prompt(s) of {source} exceed the prompt-length limit of {limit} tokens: {shown}. "
+        f"The limit is {setting}; shorten or drop those rows, or raise the limit if the model takes longer inputs"
+    )
+
+
+def prompt_token_lengths(prompts: list[Any], tokenizer: Any) -> list[int]:
+    """Token count of each prompt as the model sees it (chat template for conversational prompts)."""
+    return [
+        len(tokenizer(render_prompt(p, tokenizer), add_special_tokens=isinstance(p, str))["input_ids"])
+        for p in prompts
+    ]
