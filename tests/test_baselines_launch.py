@@ -71,7 +71,9 @@ def test_two_process_cpu_run_trains(algorithm: str, nano_model_dir: Path, tmp_pa
     logs = [entry for entry in state["log_history"] if "loss" in entry]
     assert [entry["step"] for entry in logs] == [1, 2]
     prefix = {"tilted": "filtered"}.get(algorithm, algorithm)  # tilted is FilteredGRPOTrainer
-    assert all(f"{prefix}/validity" in entry for entry in logs)
+    # raft/reinforce_rej's recipe sections generate once per 4 optimizer steps (the authors' ratio and clip)
+    generated = logs[:1] if algorithm in ("raft", "reinforce_rej") else logs
+    assert all(f"{prefix}/validity" in entry for entry in generated)
     if algorithm == "dph":
         assert all(entry["dph/rehearsal_loss"] >= 0 for entry in logs)
     if algorithm == "rft":
