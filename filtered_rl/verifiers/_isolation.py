@@ -20,52 +20,26 @@ from pathlib import Path
 from typing import Any
 
 try:
-    from . import _linux
+    from . import _cgroup, _landlock, _linux
 except ImportError:  # loaded as a top-level module by a script run with -I (see _sandbox_worker.py)
+    import _cgroup
+    import _landlock
     import _linux
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_MOVE = 1, 2, 4, 8, 32, 4096, 8192
-MS_REC, MS_PRIVATE = 16384, 1 << 18
-SYS_MOUNT_SETATTR, AT_FDCWD, AT_RECURSIVE, MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 1
+MS_REC, MS_PRIVATE, MNT_DETACH = 16384, 1 << 18, 2
+SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(os.uname().machine, 155)
+DEVICES = ("null", "zero", "full", "random", "urandom")
+# Readable in the fallback (no mount namespace), besides the interpreter's paths: programs and libraries.
+SYSTEM_DIRS = ("/usr", "/bin", "/lib", "/lib64", "/dev/null", "/dev/zero", "/dev/urandom", "/dev/random")
+# All the environment a sandbox worker starts with (the pool passes nothing else of the caller's).
+SCRUBBED_ENV_KEYS = ("PATH", "LANG", "LC_ALL")
 libc, errno_name, kill_uid, unshare = _linux.libc, _linux.errno_name, _linux.kill_uid, _linux.unshare
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> bool:
     enc = lambda s: None if s is None else s.encode()
     return libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)) == 0
-
-
-def _make_tree_readonly() -> bool:
-    class MountAttr(ctypes.Structure):
-        _fields_ = [
-            ("attr_set", ctypes.c_uint64),
-            ("attr_clr", ctypes.c_uint64),
-            ("propagation", ctypes.c_uint64),
-            ("userns_fd", ctypes.c_uint64),
-        ]
-
-    attr = MountAttr(MOUNT_ATTR_RDONLY, 0, 0, 0)
-    if sys.platform == "linux" and os.uname().machine in ("x86_64", "aarch64"):
-        if (
-            libc.syscall(
-                SYS_MOUNT_SETATTR, AT_FDCWD, b"/", AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
-            )
-            == 0
-        ):
-            return True
-    # Kernels before 5.12: remount each mount point read-only, keeping its nosuid/nodev/noexec.
-    ok = True
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields = line.split()
-        target, options = fields[4].encode().decode("unicode_escape"), fields[5].split(",")
-        flags = MS_BIND | MS_REMOUNT | MS_RDONLY
-        flags |= sum(
-            f
-            for name, f in (("nosuid", MS_NOSUID), ("nodev", MS_NODEV), ("noexec", MS_NOEXEC))
-            if name in options
-        )
-        ok &= _mount(None, target, None, flags)
-    return ok
 
 
 def python_paths() -> list[str]:
@@ -77,79 +51,80 @@ def python_paths() -> list[str]:
 
 
 def worker_paths() -> list[str]:
-    """What the worker and its zygote must still reach inside the mount namespace: the interpreter's
-    paths and this package's directory (the zygote is exec'd from it; `-I` keeps it off sys.path)."""
+    """What the worker and its zygote must still reach in the new root: the interpreter's paths and
+    this package's directory (the zygote is exec'd from it; `-I` keeps it off sys.path)."""
     return sorted({*python_paths(), os.path.dirname(os.path.abspath(__file__))})
 
 
-def _blocked_ancestors(paths: list[str], uid: int) -> dict[str, set[str]]:
-    """Directories on the way to `paths` that others cannot traverse -> the child names needed below them."""
-    blocked: dict[str, set[str]] = {}
-    for path in paths:
-        parts = Path(path).parts
-        for depth in range(1, len(parts)):
-            ancestor = str(Path(*parts[:depth]))
-            st = os.stat(ancestor)
-            if not (st.st_mode & 0o001 or (st.st_uid == uid and st.st_mode & 0o100)):
-                blocked.setdefault(ancestor, set()).add(parts[depth])
-                break
-    return blocked
+def _sources() -> list[str]:
+    """What the new root shows, read-only: the interpreter, its import paths, the system's programs and
+    libraries (/usr) and this package's directory (the zygote is exec'd from it). Nested entries are
+    dropped: a recursive bind of the parent already holds them. Nothing else of the host: no project
+    tree, no home directory, no /etc, no /run, no host /proc."""
+    wanted = {"/usr", *(p for p in worker_paths() if not p.endswith(".zip"))}
+    wanted = {os.path.realpath(p) for p in wanted if os.path.isdir(p)} | {
+        p for p in wanted if os.path.isdir(p)
+    }
+    kept: list[str] = []
+    for path in sorted(wanted):
+        if not any(path == k or path.startswith(k.rstrip("/") + "/") for k in kept):
+            kept.append(path)
+    return kept
 
 
-def _mount_private_tmpfs(path: str, options: str) -> bool:
-    """Cover `path` (/tmp, /var/tmp, /dev/shm) with a fresh tmpfs, keeping reachable what the worker needs.
+def _bind_readonly(fd: int, target: str) -> bool:
+    """Bind the directory open as `fd` (O_PATH) at `target`, then make that bind read-only."""
+    if not _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC):
+        return False
+    return _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
 
-    When the interpreter, the virtual environment or this project live below `path` (a checkout in
-    /tmp, say), a plain tmpfs would hide them from the worker. Each such top-level entry is opened as an
-    O_PATH descriptor before the tmpfs goes on, then bind-mounted back read-only through
-    /proc/self/fd: the program sees those directories (read-only) and an otherwise empty `path`.
+
+def _build_root(root: str, tmpfs_bytes: int, sources: dict[str, int], devices: dict[str, int]) -> str:
+    """Populate the tmpfs at `root` with what a program may see; "" or what failed.
+
+    `sources` and `devices` were opened (O_PATH) before anything was mounted, so that a source below a
+    directory that gets covered (a checkout or venv under /tmp) stays reachable. Directories created
+    here are 0755 on our own tmpfs: an interpreter below a private directory (pyenv in /root, mode 0700)
+    is reachable by the sandbox uid without exposing anything else of that directory.
     """
-    needed = worker_paths()
-    prefix = path.rstrip("/") + "/"
-    children = sorted({p[len(prefix) :].split("/", 1)[0] for p in needed if p.startswith(prefix)} - {""})
-    fds = {child: os.open(prefix + child, os.O_PATH | os.O_DIRECTORY) for child in children}
-    try:
-        if not _mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, options):
-            return False
-        for child, fd in fds.items():
-            target = prefix + child
-            os.mkdir(target)
-            if not _mount(f"/proc/self/fd/{fd}", target, None, MS_BIND | MS_REC):
-                return False
-            _mount(None, target, None, MS_BIND | MS_REMOUNT | MS_RDONLY)
-        return True
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    for name in ("bin", "lib", "lib32", "lib64", "libx32", "sbin"):  # merged-/usr symlinks
+        if os.path.islink(f"/{name}"):
+            os.symlink(os.readlink(f"/{name}"), f"{root}/{name}")
+    # The writable /tmp first: a source below /tmp (a CI checkout, a venv) is then bound on top of it.
+    for path, opts in (("/tmp", f"size={tmpfs_bytes},mode=0755"), ("/dev", "size=64k,mode=0755")):
+        os.makedirs(root + path, mode=0o755, exist_ok=True)
+        if not _mount("tmpfs", root + path, "tmpfs", MS_NOSUID | MS_NOEXEC, opts):
+            return f"mounting a tmpfs on {path} failed ({errno_name()})"
+    for path, fd in sources.items():
+        os.makedirs(root + path, mode=0o755, exist_ok=True)
+        if not _bind_readonly(fd, root + path):
+            return f"bind-mounting {path} failed ({errno_name()})"
+    for name, fd in devices.items():
+        open(f"{root}/dev/{name}", "w").close()
+        if not _mount(f"/proc/self/fd/{fd}", f"{root}/dev/{name}", None, MS_BIND):
+            return f"binding /dev/{name} failed ({errno_name()})"
+    os.mkdir(f"{root}/dev/shm", 0o1777)
+    if not _mount(
+        "tmpfs", f"{root}/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=16m,mode=1777"
+    ):
+        return f"mounting a tmpfs on /dev/shm failed ({errno_name()})"
+    for path in ("/proc", "/etc", "/var"):  # /proc: each harness mounts its own PID namespace's
+        os.makedirs(root + path, mode=0o755, exist_ok=True)
+    os.symlink("/tmp", f"{root}/var/tmp")
+    return ""
 
 
-def _expose_python(uid: int) -> str:
-    """Make the interpreter and its import paths reachable by the sandbox uid; "" or what failed.
-
-    An interpreter under a private directory (pyenv in /root, mode 0700) is unreadable once the program
-    runs as an unprivileged uid. In the worker's own mount namespace, cover each blocking directory with
-    a traversable tmpfs holding only the needed subdirectories, moved back in as bind mounts.
-    """
-    for _ in range(8):  # nested private directories: one level per round
-        blocked = _blocked_ancestors(worker_paths(), uid)
-        if not blocked:
-            return ""
-        for ancestor, children in blocked.items():
-            stash = tempfile.mkdtemp(dir="/tmp")
-            kept = [c for c in sorted(children) if os.path.isdir(os.path.join(ancestor, c))]
-            for child in kept:
-                os.mkdir(os.path.join(stash, child))
-                if not _mount(
-                    os.path.join(ancestor, child), os.path.join(stash, child), None, MS_BIND | MS_REC
-                ):
-                    return f"bind-mounting {ancestor}/{child} failed ({errno_name()})"
-            if not _mount("tmpfs", ancestor, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755"):
-                return f"covering the private directory {ancestor} failed ({errno_name()})"
-            for child in kept:
-                os.mkdir(os.path.join(ancestor, child))
-                if not _mount(os.path.join(stash, child), os.path.join(ancestor, child), None, MS_MOVE):
-                    return f"moving {ancestor}/{child} back failed ({errno_name()})"
-    return "more than 8 nested private directories"
+def _pivot(root: str) -> str:
+    """Make `root` the process's `/` and drop the host's tree entirely; "" or what failed."""
+    os.chdir(root)
+    if libc.syscall(SYS_PIVOT_ROOT, b".", b".") != 0:
+        return f"pivot_root failed ({errno_name()})"
+    if libc.umount2(b".", MNT_DETACH) != 0:  # the old root, stacked under the new one
+        return f"detaching the old root failed ({errno_name()})"
+    os.chdir("/")
+    # The root itself read-only (its writable mounts, /tmp and /dev/shm, stay writable).
+    _mount(None, "/", None, MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    return ""
 
 
 def unreadable_by(uid: int, paths: list[str]) -> list[str]:
@@ -215,12 +190,13 @@ class Isolation:
     def __init__(self) -> None:
         self.uid: int | None = None
         self.uid_lock: int | None = None
-        self.net_namespace = self.mount_namespace = self.readonly_root = self.pid_namespace = False
+        self.net_namespace = self.mount_namespace = self.minimal_root = self.pid_namespace = False
         self.tmp_root = tempfile.gettempdir()
-        self.private_shm = False
-        self.own_pid_ns: int | None = None
-        self.no_mount_namespace = ""  # why there is none (or why exposing Python in it failed)
+        self.no_mount_namespace = ""  # why there is none (or why building the new root failed)
         self.python_unreadable: list[str] = []
+        self.own_pid_ns: int | None = None
+        self.cgroup = _cgroup.JobCgroup(None)
+        self.landlock_ruleset: int | None = None  # fallback only: see `_landlock.py`
 
     def setup(self, uid_base: int, network: bool, tmpfs_bytes: int, namespaces: bool) -> None:
         if os.geteuid() != 0:
@@ -230,6 +206,7 @@ class Isolation:
             if claimed and probe(lambda: (os.setgroups([]), os.setgid(claimed[0]), os.setuid(claimed[0]))):
                 self.uid, self.uid_lock = claimed
                 kill_uid(self.uid)  # leftovers of a previous holder of this uid that was itself killed
+                self.cgroup = _cgroup.JobCgroup.create(f"filtered-rl-sandbox-{self.uid}")
             if not network and namespaces:
                 self.net_namespace = unshare(_linux.CLONE_NEWNET)
             if not namespaces:
@@ -241,34 +218,40 @@ class Isolation:
                 self.no_mount_namespace = f"making the mount namespace private failed ({errno_name()})"
             else:
                 self.mount_namespace = True
-            if self.mount_namespace:
-                self._setup_mounts(tmpfs_bytes)
+        # Opened while the host's /proc is still there: the zygote needs it to make PID namespaces.
         self.own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY) if namespaces else None
+        self.pid_namespace = namespaces and probe(self.fresh_pid_namespace)
+        if self.mount_namespace:
+            failed = self._enter_minimal_root(tmpfs_bytes)
+            if failed:
+                self.no_mount_namespace = f"building the sandbox's root failed: {failed}"
+        if not self.minimal_root:
+            # The worker's own directory for its jobs' working directories (root's, traversable): with
+            # Landlock, the only place a program may write.
+            self.tmp_root = tempfile.mkdtemp(prefix="filtered-rl-sandbox-")
+            os.chmod(self.tmp_root, 0o711)
+            self.landlock_ruleset = _landlock.ruleset(
+                readable=[*python_paths(), *SYSTEM_DIRS], writable=[self.tmp_root]
+            )
         if self.uid is not None:
             self.python_unreadable = unreadable_by(self.uid, python_paths())
-        self.pid_namespace = namespaces and probe(self.fresh_pid_namespace)
 
-    def _setup_mounts(self, tmpfs_bytes: int) -> None:
-        # A scratch tmpfs for _expose_python's bind mounts, later covered by the real private /tmp. It must
-        # stay traversable (0711): with 0700, a checkout or venv under /tmp would make /tmp itself a
-        # "blocked ancestor" that _expose_python covers, hiding the stash it works from (the zygote's
-        # interpreter then vanished: FileNotFoundError at exec, every job failed).
-        _mount_private_tmpfs("/tmp", "size=1m,mode=0711")
-        if self.uid is not None:
-            failed = _expose_python(self.uid)
-            if failed:
-                self.no_mount_namespace = f"exposing it in the worker's mount namespace failed: {failed}"
-        self.readonly_root = _make_tree_readonly()
-        # Fresh writable tmpfs mounts on top of the read-only tree (the scratch one stays underneath).
-        for path, opts in (
-            ("/tmp", f"size={tmpfs_bytes},mode=0755"),
-            ("/var/tmp", "size=1m,mode=0755"),
-            ("/dev/shm", f"size={min(tmpfs_bytes, 64 << 20)},mode=1777"),
-        ):
-            if os.path.isdir(path):
-                mounted = _mount_private_tmpfs(path, opts)
-                self.private_shm |= mounted and path == "/dev/shm"
-        self.tmp_root = "/tmp"
+    def _enter_minimal_root(self, tmpfs_bytes: int) -> str:
+        # The new root is a tmpfs mounted over /tmp (an always-present directory); sources are opened
+        # before it covers anything.
+        root = tempfile.gettempdir()
+        sources = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in _sources()}
+        devices = {d: os.open(f"/dev/{d}", os.O_PATH) for d in DEVICES if os.path.exists(f"/dev/{d}")}
+        try:
+            if not _mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755"):
+                return f"mounting the root tmpfs failed ({errno_name()})"
+            failed = _build_root(root, tmpfs_bytes, sources, devices) or _pivot(root)
+        finally:
+            for fd in (*sources.values(), *devices.values()):
+                os.close(fd)
+        if not failed:
+            self.minimal_root, self.tmp_root = True, "/tmp"
+        return failed
 
     def fresh_pid_namespace(self) -> bool:
         """Whether a child can be made PID 1 of a fresh namespace (see `_linux.fresh_pid_namespace`)."""
@@ -282,16 +265,21 @@ class Isolation:
             "uid_drop": self.uid is not None,
             "uid": self.uid,
             "pid_namespace": self.pid_namespace,
+            "fresh_proc": self.pid_namespace and self.minimal_root,
             "net_namespace": self.net_namespace,
             "mount_namespace": self.mount_namespace,
-            "readonly_root": self.readonly_root,
-            "private_tmp": self.mount_namespace and self.tmp_root == "/tmp",
+            "minimal_root": self.minimal_root,
+            "private_tmp": self.minimal_root,
+            "landlock": self.landlock_ruleset is not None,
+            "memory_cgroup": self.cgroup.limits_memory,
+            "pids_cgroup": self.cgroup.limits_pids,
+            "scrubbed_environment": set(os.environ) <= set(SCRUBBED_ENV_KEYS),
             "python_readable": not self.python_unreadable,
             "python_unreadable": self.python_unreadable,
         }
         if self.python_unreadable:
             caps["python_note"] = self.no_mount_namespace or (
-                "the mount namespace made every private parent directory traversable, but these paths "
+                "the sandbox's root made every private parent directory traversable, but these paths "
                 f"themselves deny uid {self.uid}"
             )
         return caps

@@ -31,6 +31,7 @@ outside the program's interpreter stops that.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import resource
@@ -45,11 +46,12 @@ import time
 from typing import Any
 
 try:
-    from . import _isolation, _linux, _serve, _zygote
+    from . import _isolation, _linux, _seccomp, _serve, _zygote
 except ImportError:  # run as a script with -I (the normal case): import the siblings, then forget the path
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
     import _isolation
     import _linux
+    import _seccomp
     import _serve
     import _zygote
 
@@ -58,6 +60,7 @@ except ImportError:  # run as a script with -I (the normal case): import the sib
 Isolation = _isolation.Isolation
 ZYGOTE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_zygote.py")
 SETUP_FAILED = _zygote.SETUP_FAILED
+PIPE_DEFAULT, F_SETPIPE_SZ = 1 << 16, 1031
 
 
 class ZygoteLost(Exception):
@@ -71,13 +74,20 @@ class ZygoteLost(Exception):
 class Zygote:
     """The worker's handle on its zygote (`_zygote.py` has the protocol): one `start`/`reap` per job."""
 
-    def __init__(self, iso: Isolation, network: bool, preload: list[str]):
+    def __init__(self, iso: Isolation, network: bool, preload: list[str], seccomp_bpf: bytes | None):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        inherited = [theirs.fileno(), *iso.cgroup.procs_fds]
+        inherited += [fd for fd in (iso.own_pid_ns, iso.landlock_ruleset) if fd is not None]
         options = {
             "fd": theirs.fileno(),
             "worker_pid": os.getpid(),
             "uid": iso.uid,
             "pid_namespace": iso.pid_namespace,
+            "pid_ns_fd": iso.own_pid_ns,
+            "fresh_proc": iso.pid_namespace and iso.minimal_root,
+            "cgroup_fds": iso.cgroup.procs_fds,
+            "landlock_fd": iso.landlock_ruleset,
+            "seccomp_bpf": seccomp_bpf.hex() if seccomp_bpf else "",
             "refuse_sockets": not iso.net_namespace and not network,
             "preload": preload,
             "sys_path": sys.path,
@@ -87,7 +97,8 @@ class Zygote:
         pid = os.fork()
         if pid == 0:
             try:
-                theirs.set_inheritable(True)
+                for fd in inherited:
+                    os.set_inheritable(fd, True)
                 devnull = os.open(os.devnull, os.O_RDWR)
                 os.dup2(devnull, 0)  # the parent must see EOF on our protocol pipes when the worker goes
                 os.dup2(devnull, 1)
@@ -100,7 +111,7 @@ class Zygote:
         self.preloaded: list[str] = json.loads(_zygote.recv_exact(ours, size))
 
     def start(self, payload: bytes, fds: list[int]) -> int:
-        """Fork a harness for `payload` with `fds` (result, output, nonce); its pid."""
+        """Fork a harness for `payload` with `fds` (result, output, nonce, tests); its pid."""
         try:
             socket.send_fds(self.sock, [len(payload).to_bytes(8, "little")], fds)
             self.sock.sendall(payload)
@@ -126,7 +137,7 @@ class Zygote:
 def usual_workdir(iso: Isolation) -> str | None:
     """One fixed working directory for every job when /tmp is this worker's own (nobody else can
     create it between jobs): the zygote then sets HOME and TMPDIR once, not each harness."""
-    return "/tmp/job" if iso.mount_namespace and iso.tmp_root == "/tmp" else None
+    return "/tmp/job" if iso.minimal_root else None
 
 
 def _make_workdir(iso: Isolation) -> str:
@@ -142,6 +153,11 @@ def _make_workdir(iso: Isolation) -> str:
     if iso.uid is not None:
         os.chown(workdir, iso.uid, iso.uid)
     return workdir
+
+
+def _as_text(value: Any) -> str:
+    """Program or tests as one text: a list of statements (as `CodeVerifier` accepts) is joined by lines."""
+    return "\n".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
 
 
 def _rlimits(limits: dict[str, Any], cpu: int, uid: int | None) -> list[tuple[int, int, int]]:
@@ -203,18 +219,39 @@ def run_job(job: dict[str, Any], iso: Isolation, zygote: Zygote) -> dict[str, An
     timeout = float(limits["timeout"])
     cpu = int(-(-float(limits.get("cpu_seconds") or timeout) // 1))
     nonce = os.urandom(16).hex().encode()
+    tests = _as_text(job.pop("tests")).encode("utf-8", "surrogatepass")
     start = time.monotonic()
+    iso.cgroup.apply(int(limits["memory_bytes"]), int(limits["max_processes"]) + 2)
     workdir = _make_workdir(iso)
     res_r, res_w = os.pipe()
     out_r, out_w = os.pipe()
     nonce_r, nonce_w = os.pipe()
     os.write(nonce_w, nonce)
     os.close(nonce_w)
-    payload = _zygote.pack_job(job.pop("program"), job.pop("tests"), workdir, _rlimits(limits, cpu, iso.uid))
-    try:
-        harness = zygote.start(payload, [res_w, out_w, nonce_r])
+    tests_r, tests_w = os.pipe()
+    try:  # the tests wait in their pipe until the harness reads them (after the program ran)
+        os.set_blocking(tests_w, False)
+        if len(tests) > PIPE_DEFAULT:
+            fcntl.fcntl(tests_w, F_SETPIPE_SZ, len(tests))
+        fits = os.write(tests_w, tests) == len(tests) if tests else True
+    except OSError:
+        fits = False
     finally:
-        for fd in (res_w, out_w, nonce_r):
+        os.close(tests_w)
+    if not fits:
+        for fd in (res_r, res_w, out_r, out_w, nonce_r, tests_r):
+            os.close(fd)
+        _remove_dir(workdir)
+        return {
+            "status": "error",
+            "reason": f"tests of {len(tests)} bytes do not fit a pipe",
+            "duration": 0.0,
+        }
+    payload = _zygote.pack_job(_as_text(job.pop("program")), workdir, _rlimits(limits, cpu, iso.uid))
+    try:
+        harness = zygote.start(payload, [res_w, out_w, nonce_r, tests_r])
+    finally:
+        for fd in (res_w, out_w, nonce_r, tests_r):
             os.close(fd)
     del payload
     verdict, result, output = _watch(harness, zygote, res_r, out_r, start + timeout, limits)
@@ -226,7 +263,7 @@ def run_job(job: dict[str, Any], iso: Isolation, zygote: Zygote) -> dict[str, An
     os.close(res_r)
     os.close(out_r)
     _remove_dir(workdir)
-    if iso.private_shm:
+    if iso.minimal_root:
         for entry in os.scandir("/dev/shm"):
             shutil.rmtree(entry.path, ignore_errors=True) if entry.is_dir() else os.unlink(entry.path)
     status, reason = verdict or _classify(result, nonce, status, cpu_used, cpu, output)
@@ -303,6 +340,7 @@ def _classify(
 def main(options: dict[str, Any], parent_pid: int) -> None:
     if not _serve.die_with_parent(parent_pid):
         return
+    seccomp_bpf = _seccomp.compile_filter()  # before the new root: libseccomp is found on the host
     iso = Isolation()
     iso.setup(
         int(options["uid_base"]),
@@ -313,7 +351,7 @@ def main(options: dict[str, Any], parent_pid: int) -> None:
     preload = list(options.get("preload", ()))
     if iso.python_unreadable:  # programs can import nothing else
         preload += list(options.get("preload_unreadable", ()))
-    zygote = Zygote(iso, bool(options["network"]), preload)
+    zygote = Zygote(iso, bool(options["network"]), preload, seccomp_bpf)
 
     def handle(job: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -326,7 +364,7 @@ def main(options: dict[str, Any], parent_pid: int) -> None:
 
     hello = {
         "ready": True,
-        "capabilities": iso.capabilities(),
+        "capabilities": {**iso.capabilities(), "seccomp": seccomp_bpf is not None, "split_tests": True},
         "preloaded": zygote.preloaded,
         "zygote_pid": zygote.pid,
     }

@@ -24,6 +24,7 @@ that `_harness` echoes only after the tests completed (see `_sandbox_worker.py`)
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import os
@@ -35,10 +36,13 @@ import sys
 from typing import Any
 
 try:
-    from . import _linux
-except ImportError:  # run as a script (the normal case): import the sibling, then forget the path
+    from . import _harness, _landlock, _linux, _seccomp
+except ImportError:  # run as a script (the normal case): import the siblings, then forget the path
     sys.path.append(os.path.dirname(os.path.abspath(__file__)))
+    import _harness
+    import _landlock
     import _linux
+    import _seccomp
 
     sys.path.pop()
 
@@ -47,66 +51,31 @@ SETUP_FAILED = 117  # harness exit code when sandbox setup (not the program) fai
 SANDBOX_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-_HEAD = struct.Struct("<IIIB")  # lengths of program, tests, workdir (UTF-8); number of rlimits
+_HEAD = struct.Struct("<IIB")  # lengths of program, workdir (UTF-8); number of rlimits
 
 
-def pack_job(program: str, tests: str, workdir: str, rlimits: list[tuple[int, int, int]]) -> bytes:
-    """The job as the harness reads it: header, (resource, soft, hard) int64 triples, then the texts."""
-    texts = [t.encode("utf-8", "surrogatepass") for t in (program, tests, workdir)]
+def pack_job(program: str, workdir: str, rlimits: list[tuple[int, int, int]]) -> bytes:
+    """The job as the harness reads it: header, (resource, soft, hard) int64 triples, then the texts.
+    The tests are not in it: they reach the harness through their own pipe (see `_harness.py`)."""
+    texts = [t.encode("utf-8", "surrogatepass") for t in (program, workdir)]
     numbers = struct.pack(f"<{3 * len(rlimits)}q", *(n for triple in rlimits for n in triple))
     return _HEAD.pack(*(len(t) for t in texts), len(rlimits)) + numbers + b"".join(texts)
 
 
-def unpack_job(payload: bytes) -> tuple[str, str, str, list[tuple[int, int, int]]]:
-    """(program, tests, workdir, rlimits) from `pack_job`'s bytes."""
-    n_program, n_tests, n_workdir, n_rlimits = _HEAD.unpack_from(payload)
+def unpack_job(payload: bytes) -> tuple[str, str, list[tuple[int, int, int]]]:
+    """(program, workdir, rlimits) from `pack_job`'s bytes."""
+    n_program, n_workdir, n_rlimits = _HEAD.unpack_from(payload)
     numbers = struct.unpack_from(f"<{3 * n_rlimits}q", payload, _HEAD.size)
     rlimits = [numbers[i : i + 3] for i in range(0, len(numbers), 3)]
     start = _HEAD.size + 24 * n_rlimits
-    ends = (start + n_program, start + n_program + n_tests, start + n_program + n_tests + n_workdir)
-    program, tests, workdir = (
-        payload[a:b].decode("utf-8", "surrogatepass") for a, b in zip((start, *ends[:2]), ends)
-    )
-    return program, tests, workdir, rlimits
+    program = payload[start : start + n_program].decode("utf-8", "surrogatepass")
+    workdir = payload[start + n_program : start + n_program + n_workdir].decode("utf-8", "surrogatepass")
+    return program, workdir, rlimits
 
 
 # --------------------------------------------------------------------------------------------------
 # In the harness.
 # --------------------------------------------------------------------------------------------------
-
-
-def _harness(program: str, tests: str, result_fd: int, nonce_fd: int) -> None:
-    """Runs inside the sandboxed process. Everything it needs later is bound to locals first, so that a
-    program rebinding builtins (`AssertionError`, `BaseException`, `os._exit`, `json.dumps`) cannot
-    change what the harness does."""
-    write, read, exit_, dumps = os.write, os.read, os._exit, json.dumps
-    base_exception, compile_, exec_ = BaseException, compile, exec
-    import builtins
-
-    def report(status: str, exc: BaseException) -> None:
-        try:
-            reason = f"{type(exc).__name__}: {exc}"[:500]
-        except base_exception:
-            reason = type(exc).__name__
-        try:
-            write(result_fd, b"F" + dumps({"status": status, "reason": reason}).encode())
-        finally:
-            exit_(1)
-
-    namespace = {"__name__": "__sandbox__", "__builtins__": builtins}
-    try:
-        exec_(compile_(program, "<program>", "exec"), namespace)
-    except base_exception as exc:
-        report("error", exc)
-    try:
-        exec_(compile_(tests, "<tests>", "exec"), namespace)
-    except base_exception as exc:
-        report("failed", exc)
-    try:
-        write(result_fd, read(nonce_fd, 64))
-    except base_exception:
-        exit_(1)
-    exit_(0)
 
 
 def _refuse_sockets() -> None:
@@ -119,39 +88,49 @@ def _refuse_sockets() -> None:
     socket.create_connection = refuse
 
 
-def _become_untrusted(
-    payload: bytes, fds: list[int], uid: int | None, refuse_sockets: bool, usual_workdir: str | None
-) -> None:
+def _become_untrusted(payload: bytes, fds: list[int], box: dict[str, Any]) -> None:
     """In the harness process: the per-process system calls, then the program. Never returns.
 
     The job is decoded here, so that its objects are allocated in this process, not in the zygote.
+    `box` holds what the zygote prepared (see `main`). Order matters: what needs root (joining the
+    cgroup, mounting /proc) comes before the uid drop; Landlock and seccomp come last, as they forbid
+    mounting and are irreversible.
     """
     try:
-        program, tests, workdir, rlimits = unpack_job(payload)
-        res_w, out_w, nonce_r = fds
+        program, workdir, rlimits = unpack_job(payload)
         os.setsid()  # own session and group: kill(0, ...) and killpg reach this job only
+        for fd in box["cgroup_fds"]:
+            os.write(fd, b"0")
+        if box["fresh_proc"]:  # the PID namespace's own /proc, in a mount namespace of this job's
+            if not (_linux.unshare(_linux.CLONE_NEWNS) and _linux.mount_proc()):
+                raise OSError("mounting /proc failed")
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in fds]  # out of the way of 0..5
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
-        os.dup2(out_w, 1)
-        os.dup2(out_w, 2)
-        os.dup2(res_w, 3)
-        os.dup2(nonce_r, 4)
-        os.closerange(5, 1 << 16)
+        for target, fd in zip((3, 1, 4, 5), high):  # result, output, nonce, tests
+            os.dup2(fd, target)
+        os.dup2(1, 2)
         os.chdir(workdir)
-        if workdir != usual_workdir:  # else the zygote set them once
+        if workdir != box["usual_workdir"]:  # else the zygote set them once
             os.environ["HOME"] = os.environ["TMPDIR"] = workdir
         for which, soft, hard in rlimits:
             resource.setrlimit(which, (soft, hard))
-        if uid is not None:
+        if box["uid"] is not None:
             os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
+            os.setgid(box["uid"])
+            os.setuid(box["uid"])
         _linux.libc.prctl(_linux.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)  # after setuid, which clears it
-        if refuse_sockets:
+        _linux.prctl(_linux.PR_SET_DUMPABLE, 0)  # the program's process cannot read this one's memory
+        if box["landlock"] is not None and not _landlock.restrict_self(box["landlock"]):
+            raise OSError("Landlock failed")
+        os.closerange(6, 1 << 16)
+        if box["seccomp"] is not None and not box["seccomp"].install():
+            raise OSError("seccomp failed")
+        if box["refuse_sockets"]:
             _refuse_sockets()
     except BaseException:
         os._exit(SETUP_FAILED)
-    _harness(program, tests, 3, 4)
+    _harness.start(program, 3, 4, 5)
     os._exit(SETUP_FAILED)
 
 
@@ -209,8 +188,9 @@ def _prepare(preload: list[str], path: list[str], usual_workdir: str | None) -> 
     namespace: dict[str, Any] = {}
     exec(compile("def f(x):\n    return [x, {'k': x}]\n", "<warm-up>", "exec"), namespace)
     exec(compile("assert f(1)[0] == 1\n", "<warm-up>", "exec"), namespace)
-    unpack_job(pack_job("x", "y", "/", [(1, 2, 3)]))
+    unpack_job(pack_job("x", "/", [(1, 2, 3)]))
     json.dumps({"status": "failed", "reason": "AssertionError: "})
+    _harness.decode(json.loads(json.dumps(_harness.encode([1, 2.5, "x", (None,), {3: b""}]))))
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM, signal.SIGCHLD):
         signal.signal(sig, signal.SIG_DFL)
     os.environ.clear()
@@ -229,15 +209,25 @@ def main(options: dict[str, Any]) -> None:
         return
     _linux.prctl(_linux.PR_SET_CHILD_SUBREAPER, 1)  # orphans of a harness come back here
     sock = socket.socket(fileno=options["fd"])
-    uid, pid_namespace, refuse = options["uid"], options["pid_namespace"], options["refuse_sockets"]
-    usual_workdir = options["usual_workdir"]
-    own_pid_ns = os.open("/proc/self/ns/pid", os.O_RDONLY) if pid_namespace else -1
-    report = json.dumps(_prepare(options["preload"], options["sys_path"], usual_workdir)).encode()
+    uid, pid_namespace = options["uid"], options["pid_namespace"]
+    own_pid_ns = options["pid_ns_fd"] if pid_namespace else -1
+    bpf = bytes.fromhex(options["seccomp_bpf"]) if options["seccomp_bpf"] else None
+    box = {  # what each harness needs, prepared once (see `_become_untrusted`)
+        "uid": uid,
+        "usual_workdir": options["usual_workdir"],
+        "cgroup_fds": options["cgroup_fds"],
+        "fresh_proc": options["fresh_proc"],
+        "landlock": options["landlock_fd"],
+        "seccomp": _seccomp.LoadedFilter(bpf) if bpf else None,
+        # Without seccomp or a network namespace, the interpreter-level block is all there is.
+        "refuse_sockets": options["refuse_sockets"] and not bpf,
+    }
+    report = json.dumps(_prepare(options["preload"], options["sys_path"], options["usual_workdir"])).encode()
     sock.sendall(len(report).to_bytes(4, "little") + report)
     recv_fds, fork, send = socket.recv_fds, os.fork, sock.sendall
     while True:
         try:
-            head, fds, _, _ = recv_fds(sock, 8, 3)
+            head, fds, _, _ = recv_fds(sock, 8, 4)
             if not head:
                 return
             if len(head) < 8:
@@ -250,7 +240,7 @@ def main(options: dict[str, Any]) -> None:
         harness = fork()
         if harness == 0:
             try:
-                _become_untrusted(payload, fds, uid, refuse, usual_workdir)
+                _become_untrusted(payload, fds, box)
             finally:  # whatever happens, the child never returns into the zygote's loop
                 os._exit(SETUP_FAILED)
         for fd in fds:

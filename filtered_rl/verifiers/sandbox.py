@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 STATUSES = ("passed", "failed", "timeout", "error")
+SCRUBBED_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 WORKER = Path(__file__).resolve().with_name("_sandbox_worker.py")
 
 # Imported once in each worker's zygote, so that forked programs find them in sys.modules. Each one
@@ -147,7 +148,9 @@ class SandboxPool:
             "preload_unreadable": list(PRELOAD_UNREADABLE),
         }
         argv = [sys.executable, "-I", str(WORKER), "--worker", json.dumps(options)]
-        self._pool = WorkerPool(argv, workers, startup_timeout=60.0)
+        # Nothing of the caller's environment (API keys, tokens) reaches the workers: not even as the
+        # strings on their initial stack, which every forked program inherits.
+        self._pool = WorkerPool(argv, workers, env=dict(SCRUBBED_ENV), startup_timeout=60.0)
         self.workers = workers
         self._checked = False
 
