@@ -132,6 +132,11 @@ SWEEP = (
 # the frontier plots. GRPO's β = 0 is the collapse-prone end; RLOO and the tilted target are exact KL-control.
 GRPO_BETA_0 = RunSpec("grpo β=0", "grpo", {"beta": 0.0}, family=KL_GRPO)
 ORACLE = "p* distilled (oracle)"
+RFT, RAFT, REINFORCE_REJ = (
+    "RFT (offline rejection sampling)",
+    "RAFT++ (online rejection sampling)",
+    "Reinforce-Rej",
+)
 PSTAR_DISTILL = RunSpec("p* distilled", "pstar_distill", family=ORACLE)
 STUDY_ARMS = (
     GRPO_BETA_0,
@@ -168,6 +173,13 @@ STUDY_ARMS = (
               family=REMEDIES) for label, coef in (("", 1.0), (" c=0.3", 0.3), (" c=3", 3.0))),
     # Not methods: forward KL with the exact gradient (needs the valid set), at this budget and 10x longer.
     PSTAR_DISTILL, RunSpec("p* distilled, 10x steps", "pstar_distill", {"steps": 3000}, family=ORACLE),
+    # The simplest rivals (issue 26): offline RFT on the same stored set as the p*-samples arms, at two sample
+    # budgets (k of its K = 32 draws a prompt, de-duplicated), and the online RAFT++ and Reinforce-Rej with the
+    # authors' 4 optimizer steps per generation batch and KL 0.001.
+    *(RunSpec(f"rft k={k}", "rft", {} if k == 32 else {"rft_samples_per_prompt": k}, rehearsal_samples=32,
+              rehearsal_min_correct=1, family=RFT) for k in (8, 32)),
+    RunSpec("raft++", "raft", {"steps_per_generation": 4}, family=RAFT),
+    RunSpec("reinforce-rej", "reinforce_rej", {"steps_per_generation": 4}, family=REINFORCE_REJ),
 )  # fmt: skip
 
 COUNTDOWN_HARD_ARMS = (
@@ -175,6 +187,7 @@ COUNTDOWN_HARD_ARMS = (
     "filtered forward KL, exact A(x)", "mara β=0.1", "filtered forward KL + p* samples",
     "filtered forward KL + p* samples c=0.3", "filtered forward KL + p* samples c=3", "p* distilled",
     "p* distilled, 10x steps", "unlikeliness c=0.25", "pass@k training k=4", "inverse success α=1", "dph forward KL",
+    "rft k=8", "rft k=32", "raft++", "reinforce-rej",
 )  # fmt: skip
 
 COUNTDOWN_HARD_LONG_ARMS = (
