@@ -15,7 +15,13 @@ of each counts. `--parent-import torch` first imports torch into the benchmark p
 trainer, which the baseline then forks for every sample (the pool's workers are unaffected). The load
 average before and after is printed: on a shared machine the figures mean little without it.
 
-Usage: `python benchmarks/bench_code_verifier.py [--rounds 3] [--workers N] [--parent-import torch]`.
+`--compare-checkout DIR` adds a third contestant, rounds alternating with the others: the sandbox
+pool of another checkout of this project (e.g. `git worktree add /tmp/before <commit>`), run in a
+child process that imports the package from DIR, so that a change to the sandbox is measured side by
+side with what it replaced, on the same machine at the same moment.
+
+Usage: `python benchmarks/bench_code_verifier.py [--rounds 3] [--workers N] [--parent-import torch]
+[--compare-checkout DIR]`.
 """
 
 from __future__ import annotations
@@ -101,12 +107,48 @@ def baseline_check(program: str, tests: str, timeout: float) -> str:
     return outcome
 
 
+_OTHER_POOL = """
+import json, sys, time
+from filtered_rl.verifiers.sandbox import SandboxLimits, SandboxPool
+jobs = [tuple(job) for job in json.loads(sys.stdin.readline())]
+pool = SandboxPool(int(sys.argv[1]))
+pool.run("pass", "")
+print(json.dumps(pool.capabilities()), flush=True)
+for _ in sys.stdin:
+    t0 = time.perf_counter()
+    results = pool.run_many(jobs, SandboxLimits(timeout=20.0))
+    print(json.dumps([len(jobs) / (time.perf_counter() - t0), sum(r.passed for r in results)]), flush=True)
+pool.close()
+"""
+
+
+def other_checkout(directory: Path, jobs: list[tuple[str, str]], workers: int):
+    """A child process running `directory`'s sandbox pool; send a line, read (programs/s, passed)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(directory.resolve())}
+    child = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_POOL, str(workers)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=directory,
+    )
+    child.stdin.write(json.dumps(jobs) + "\n")
+    child.stdin.flush()
+    print(f"{directory}: isolation: {child.stdout.readline().strip()}")
+    return child
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--parent-import", action="append", default=[], metavar="MODULE")
+    parser.add_argument("--compare-checkout", type=Path, default=None, metavar="DIR")
     args = parser.parse_args()
     for module in args.parent_import:
         importlib.import_module(module)
@@ -121,7 +163,8 @@ def main() -> None:
     pool.run("pass", "")
     print(f"pool start-up: {time.perf_counter() - started:.2f}s; isolation: {pool.capabilities()}")
 
-    best = {"pool": 0.0, "baseline": 0.0}
+    other = other_checkout(args.compare_checkout, jobs, args.workers) if args.compare_checkout else None
+    best = {"pool": 0.0, "baseline": 0.0, "other": 0.0}
     with ThreadPoolExecutor(args.workers) as threads:
         for round_ in range(args.rounds):
             t0 = time.perf_counter()
@@ -131,12 +174,22 @@ def main() -> None:
             outcomes = list(threads.map(lambda job: baseline_check(*job, limits.timeout), jobs))
             base_rate = len(jobs) / (time.perf_counter() - t0)
             passed = sum(r.passed for r in results), sum(o == "passed" for o in outcomes)
-            print(
+            line = (
                 f"round {round_ + 1}: pool {pool_rate:6.1f} programs/s ({passed[0]}/{len(jobs)} passed)   "
                 f"baseline {base_rate:6.1f} programs/s ({passed[1]}/{len(jobs)} passed)"
             )
+            if other is not None:
+                other.stdin.write("go\n")
+                other.stdin.flush()
+                other_rate, other_passed = json.loads(other.stdout.readline())
+                line += f"   other checkout {other_rate:6.1f} programs/s ({other_passed}/{len(jobs)} passed)"
+                best["other"] = max(best["other"], other_rate)
+            print(line)
             best["pool"], best["baseline"] = max(best["pool"], pool_rate), max(best["baseline"], base_rate)
     pool.close()
+    if other is not None:
+        other.stdin.close()
+        other.wait()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     imported = f", parent imports {', '.join(args.parent_import)}" if args.parent_import else ""
     load = " -> ".join(", ".join(f"{x:.2f}" for x in avg) for avg in (load_before, os.getloadavg()))
@@ -146,6 +199,12 @@ def main() -> None:
         f"best of {args.rounds}: pool {best['pool']:.1f} programs/s, process-per-sample baseline "
         f"{best['baseline']:.1f} programs/s, ratio {best['pool'] / best['baseline']:.2f}x"
     )
+    if other is not None:
+        print(
+            f"other checkout ({args.compare_checkout}): {best['other']:.1f} programs/s, "
+            f"{best['other'] / best['baseline']:.2f}x the baseline; this checkout / other: "
+            f"{best['pool'] / best['other']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

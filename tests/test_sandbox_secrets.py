@@ -301,3 +301,21 @@ def test_a_jobs_processes_share_one_memory_cap(pool):
     assert result.status != "passed", result
     # The worker survives the cgroup's OOM kill and still verifies honest programs.
     assert pool.run("x = 1", "assert x == 1", LIMITS).passed
+
+
+def test_math_helpers_start_without_the_callers_secrets():
+    """The math verifier's helpers parse untrusted text with SymPy: they hold nothing of the caller's."""
+    from filtered_rl.verifiers.math import _pool
+
+    saved = dict(os.environ)
+    os.environ["FAKE_API_KEY"] = CANARY
+    try:
+        pool = _pool(1, 987_654_321)  # a size of its own: started now, under the canary
+        pid = pool.hello() and pool.pids()[0]
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    try:
+        assert CANARY.encode() not in Path(f"/proc/{pid}/environ").read_bytes()
+    finally:
+        pool.close()

@@ -302,14 +302,26 @@ def start(program: str, result_fd: int, nonce_fd: int, tests_fd: int) -> None:
     in this process."""
     write, read, exit_, dumps = os.write, os.read, os._exit, json.dumps
 
+    def end_program() -> None:
+        """Kill and reap the program's process now: left to the kernel or the zygote, an orphan costs
+        more (and without a PID namespace it would outlive this process)."""
+        try:
+            kill(program_pid, 9)
+            wait(program_pid, 0)
+        except BaseException:
+            pass
+
     def report(status: str, reason: str) -> None:
         try:
+            end_program()
             write(result_fd, b"F" + dumps({"status": status, "reason": reason[:500]}).encode())
         finally:
             exit_(1)
 
     ours, theirs = socket.socketpair()
-    if os.fork() == 0:
+    kill, wait = os.kill, os.waitpid
+    program_pid = os.fork()
+    if program_pid == 0:
         try:
             ours.close()
             for fd in (result_fd, nonce_fd, tests_fd):
@@ -335,6 +347,7 @@ def start(program: str, result_fd: int, nonce_fd: int, tests_fd: int) -> None:
     except BaseException as exc:
         report("failed", _describe(exc))
     try:
+        end_program()
         write(result_fd, read(nonce_fd, 64))
     except BaseException:
         exit_(1)

@@ -15,9 +15,17 @@ thread, and no signal can interrupt a long computation inside C (huge integers, 
 `verify_math` and `MathVerifier` therefore run each judgement in long-lived helper processes
 (`pool.WorkerPool`). A helper bounds the whole judgement with one timer of its own, at 0.8 x `timeout`
 (it answers 0.0 and stays up); work stuck in C is cut by the pool, which kills the helper at `timeout`
-and starts a replacement. Either way the completion scores 0.0, the verdict is cached (it is not paid
-for again by `answer_key`), and the caller never waits much more than `timeout` for one answer. Safe
-from any thread or process.
+and starts a replacement. Either way the completion scores 0.0 and the verdict is cached (it is not
+paid for again by `answer_key`). Safe from any thread or process.
+
+What bounds a call's total time: each judgement is bounded by `timeout` *once a helper has it*; the
+helpers (`workers`, shared by every verifier of that size in the process) take requests first come,
+first served. So a call with n distinct answers, made while other threads have m judgements queued or
+running, returns within ceil((n + m) / workers) x `timeout` (measured: 16 threads on 2 helpers with
+`timeout=2` waited up to 19.8 s). Give a multi-threaded caller more `workers`, or fewer threads.
+
+The helpers start from a scrubbed environment (PATH, LANG and PYTHONPATH only): math-verify hands
+untrusted text to SymPy's parser, and nothing of the caller's (API keys, tokens) is to be there.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from typing import Any
 
 from ._registry import register_verifier
 from .base import BinaryVerifier, completion_to_text
-from .pool import WorkerPool
+from .pool import SCRUBBED_ENV, WorkerPool
 
 __all__ = ["GOLD_STYLES", "MathVerifier", "extract_gold", "extract_prediction", "verify_math"]
 
@@ -229,7 +237,8 @@ def _pool(workers: int, memory_bytes: int) -> WorkerPool:
                 "from filtered_rl.verifiers.math import _worker_main; _worker_main()",
                 str(memory_bytes),
             ]
-            _pools[key] = WorkerPool(argv, workers)
+            env = {**SCRUBBED_ENV, **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"}}
+            _pools[key] = WorkerPool(argv, workers, env=env)
         return _pools[key]
 
 

@@ -23,9 +23,12 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-__all__ = ["WorkerPool"]
+__all__ = ["SCRUBBED_ENV", "WorkerPool"]
 
 T = TypeVar("T")
+# The environment helpers that handle untrusted input start from: nothing of the caller's (API keys and
+# tokens would otherwise sit in every helper's memory, and in every process it forks).
+SCRUBBED_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 
 
 class _Worker:

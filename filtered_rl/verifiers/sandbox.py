@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .pool import WorkerPool
+from .pool import SCRUBBED_ENV, WorkerPool
 
 __all__ = [
     "PRELOAD",
@@ -45,7 +45,6 @@ __all__ = [
 ]
 
 STATUSES = ("passed", "failed", "timeout", "error")
-SCRUBBED_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
 WORKER = Path(__file__).resolve().with_name("_sandbox_worker.py")
 
 # Imported once in each worker's zygote, so that forked programs find them in sys.modules. Each one
