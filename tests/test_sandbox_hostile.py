@@ -267,12 +267,14 @@ def test_namespaces_are_used_where_available():
         print("sandbox isolation:", caps)
         assert caps["uid_drop"]
         if caps["pid_namespace"]:
-            # In the namespace the tests' process is PID 1 and the program's PID 2, as another uid, and
-            # the fresh /proc shows the job's network namespace: loopback only.
+            # In the namespace the tests' process is PID 1 and the program's PID 2, as another uid; its
+            # /proc shows its own network namespace (loopback only) and no other process.
             program = (
                 "import os\nassert os.getpid() == 2 and os.getppid() == 1 and os.getuid() != 0\n"
-                "devices = [line.split(':')[0].strip() for line in open('/proc/net/dev').readlines()[2:]]\n"
-                "assert devices == ['lo'], devices"
+                "net = open('/proc/self/net/dev').readlines()[2:]\n"
+                "devices = [line.split(':')[0].strip() for line in net]\n"
+                "assert devices == ['lo'], devices\n"
+                "assert [p for p in os.listdir('/proc') if p.isdigit()] == [os.readlink('/proc/self')]"
             )
             assert pool.run(program, "assert True").status == "passed"
     finally:

@@ -208,7 +208,9 @@ def run_program(program: str, channel: Channel) -> None:
     except BaseException as exc:
         channel.send(["error", _describe(exc)])
         return
-    channel.send(["ready", [name for name in namespace if type(name) is str]])
+    # Each name with what it is now: the tests need no round trip to learn that a function is one.
+    kinds = {name: "callable" if callable(value) else "other" for name, value in namespace.items()}
+    channel.send(["ready", {name: kind for name, kind in kinds.items() if type(name) is str}])
     while True:
         try:
             request = channel.receive()
@@ -273,13 +275,16 @@ class TestNamespace(dict):
     """The tests' globals: what the tests define, and every name the program defined, resolved in the
     program's process on use (each use: a value can change between calls)."""
 
-    def __init__(self, channel: Channel, program_names: list[str]):
+    def __init__(self, channel: Channel, program_names: dict[str, str]):
         super().__init__(__name__="__main__", __builtins__=builtins)
-        self._channel, self._program_names = channel, frozenset(program_names)
+        self._channel, self._program_names = channel, dict(program_names)
 
     def __missing__(self, name: str) -> Any:
-        if name not in self._program_names or name.startswith("__"):
+        kind = self._program_names.get(name)
+        if kind is None or name.startswith("__"):
             raise KeyError(name)  # then the built-ins, else NameError
+        if kind == "callable":  # (a module is not callable: it is looked up below)
+            return ProgramFunction(self._channel, name)
         self._channel.send(["lookup", name])
         reply = self._channel.receive()
         if reply[0] == "callable":
@@ -291,7 +296,7 @@ class TestNamespace(dict):
         raise KeyError(name)
 
 
-def run_tests(tests: str, channel: Channel, program_names: list[str]) -> None:
+def run_tests(tests: str, channel: Channel, program_names: dict[str, str]) -> None:
     """Run the tests (raises what they raise)."""
     exec(compile(tests, "<tests>", "exec"), TestNamespace(channel, program_names))
 
@@ -336,7 +341,7 @@ def start(program: str, result_fd: int, nonce_fd: int, tests_fd: int) -> None:
         ready = channel.receive()
     except BaseException as exc:
         report("error", f"the program's process ended before the tests ran ({_describe(exc)})")
-    if ready[0] != "ready":
+    if ready[0] != "ready" or type(ready[1]) is not dict:
         report("error", str(ready[1]) if ready[0] == "error" else "unexpected message from the program")
     chunks = []
     while chunk := read(tests_fd, 1 << 16):

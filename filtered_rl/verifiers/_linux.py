@@ -11,7 +11,6 @@ import signal
 
 CLONE_NEWNS, CLONE_NEWIPC, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
 PR_SET_PDEATHSIG, PR_SET_DUMPABLE, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 4, 36, 38
-MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
@@ -29,12 +28,6 @@ def prctl(option: int, value: int) -> bool:
 
 def unshare(flags: int) -> bool:
     return libc.unshare(ctypes.c_int(flags)) == 0
-
-
-def mount_proc() -> bool:
-    """A fresh /proc: it shows the PID namespace of the caller (PID 1 of its own, in the harness)."""
-    flags = ctypes.c_ulong(MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    return libc.mount(b"proc", b"/proc", b"proc", flags, None) == 0
 
 
 def fresh_pid_namespace(own_pid_ns: int) -> bool:

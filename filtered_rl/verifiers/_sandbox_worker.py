@@ -84,7 +84,6 @@ class Zygote:
             "uid": iso.uid,
             "pid_namespace": iso.pid_namespace,
             "pid_ns_fd": iso.own_pid_ns,
-            "fresh_proc": iso.pid_namespace and iso.minimal_root,
             "cgroup_fds": iso.cgroup.procs_fds,
             "landlock_fd": iso.landlock_ruleset,
             "seccomp_bpf": seccomp_bpf.hex() if seccomp_bpf else "",

@@ -93,17 +93,13 @@ def _become_untrusted(payload: bytes, fds: list[int], box: dict[str, Any]) -> No
 
     The job is decoded here, so that its objects are allocated in this process, not in the zygote.
     `box` holds what the zygote prepared (see `main`). Order matters: what needs root (joining the
-    cgroup, mounting /proc) comes before the uid drop; Landlock and seccomp come last, as they forbid
-    mounting and are irreversible.
+    cgroup) comes before the uid drop; Landlock and seccomp come last: they are irreversible.
     """
     try:
         program, workdir, rlimits = unpack_job(payload)
         os.setsid()  # own session and group: kill(0, ...) and killpg reach this job only
         for fd in box["cgroup_fds"]:
             os.write(fd, b"0")
-        if box["fresh_proc"]:  # the PID namespace's own /proc, in a mount namespace of this job's
-            if not (_linux.unshare(_linux.CLONE_NEWNS) and _linux.mount_proc()):
-                raise OSError("mounting /proc failed")
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 1000) for fd in fds]  # out of the way of 0..5
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
@@ -216,7 +212,6 @@ def main(options: dict[str, Any]) -> None:
         "uid": uid,
         "usual_workdir": options["usual_workdir"],
         "cgroup_fds": options["cgroup_fds"],
-        "fresh_proc": options["fresh_proc"],
         "landlock": options["landlock_fd"],
         "seccomp": _seccomp.LoadedFilter(bpf) if bpf else None,
         # Without seccomp or a network namespace, the interpreter-level block is all there is.
