@@ -32,12 +32,18 @@ def _comb(n: int, k: int) -> int:
     return math.comb(n, k) if n >= 0 and 0 <= k <= n else 0
 
 
+def pass_at_k_estimate(n: int, c: int, k: int) -> float:
+    """ρ(n, c, k) = 1 − C(n−c, k)/C(n, k): the unbiased pass@k estimate from n samples with c correct (k ≤ n);
+    the mean over every k-subset of whether it holds a correct sample. Shared with PKPO (`pkpo.py`)."""
+    return 1.0 - _comb(n - c, k) / _comb(n, k)
+
+
 def passk_advantage_table(group_size: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(correct, incorrect) advantages indexed by the number of correct samples c = 0 … N, float64."""
     n = group_size
     correct, incorrect = [], []
     for c in range(n + 1):
-        rho = 1.0 - _comb(n - c, k) / _comb(n, k)
+        rho = pass_at_k_estimate(n, c, k)
         sigma = math.sqrt(rho * (1.0 - rho))
         if sigma == 0.0:
             correct.append(0.0)
@@ -107,6 +113,6 @@ class PassKTrainer(PostScoringTrainer):
         k = min(self.args.passk_k, batch.group_size)  # an eval group may be smaller than k
         grouped = batch.grouped(batch.valid)
         counts = grouped.sum(dim=1).long().tolist()
-        rho = [1.0 - _comb(batch.group_size - c, k) / _comb(batch.group_size, k) for c in counts]
+        rho = [pass_at_k_estimate(batch.group_size, c, k) for c in counts]
         self._metrics[batch.mode]["passk/group_pass_at_k"].append(sum(rho) / len(rho))
         return passk_advantages(batch.valid, batch.group_size, k)
