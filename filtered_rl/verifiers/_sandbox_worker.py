@@ -154,11 +154,6 @@ def _make_workdir(iso: Isolation) -> str:
     return workdir
 
 
-def _as_text(value: Any) -> str:
-    """Program or tests as one text: a list of statements (as `CodeVerifier` accepts) is joined by lines."""
-    return "\n".join(str(v) for v in value) if isinstance(value, list | tuple) else str(value)
-
-
 def _rlimits(limits: dict[str, Any], cpu: int, uid: int | None) -> list[tuple[int, int, int]]:
     """(resource, soft, hard) for one job."""
     rlimits = [
@@ -218,7 +213,7 @@ def run_job(job: dict[str, Any], iso: Isolation, zygote: Zygote) -> dict[str, An
     timeout = float(limits["timeout"])
     cpu = int(-(-float(limits.get("cpu_seconds") or timeout) // 1))
     nonce = os.urandom(16).hex().encode()
-    tests = _as_text(job.pop("tests")).encode("utf-8", "surrogatepass")
+    tests = job.pop("tests").encode("utf-8", "surrogatepass")
     start = time.monotonic()
     iso.cgroup.apply(int(limits["memory_bytes"]), int(limits["max_processes"]) + 2)
     workdir = _make_workdir(iso)
@@ -246,7 +241,7 @@ def run_job(job: dict[str, Any], iso: Isolation, zygote: Zygote) -> dict[str, An
             "reason": f"tests of {len(tests)} bytes do not fit a pipe",
             "duration": 0.0,
         }
-    payload = _zygote.pack_job(_as_text(job.pop("program")), workdir, _rlimits(limits, cpu, iso.uid))
+    payload = _zygote.pack_job(job.pop("program"), workdir, _rlimits(limits, cpu, iso.uid))
     try:
         harness = zygote.start(payload, [res_w, out_w, nonce_r, tests_r])
     finally:

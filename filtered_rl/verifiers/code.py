@@ -26,7 +26,7 @@ from typing import Any
 
 from ._registry import register_verifier
 from .base import BinaryVerifier, _rows, completion_to_text
-from .sandbox import ExecutionResult, SandboxLimits, SandboxPool, default_pool, run_code
+from .sandbox import ExecutionResult, SandboxLimits, SandboxPool, as_source, default_pool, run_code
 
 __all__ = [
     "CodeVerifier",
@@ -56,14 +56,6 @@ def _defines(code: str, name: str) -> bool:
     return re.search(rf"^(?:async[ \t]+)?def[ \t]+{re.escape(name)}[ \t]*\(", code, re.M) is not None
 
 
-def _as_code(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, list | tuple):
-        return "\n".join(str(v) for v in value)
-    return str(value)
-
-
 def build_program(
     completion: str,
     row: dict[str, Any],
@@ -73,20 +65,20 @@ def build_program(
 ) -> tuple[str, str] | None:
     """(program, tests) for one completion, per the rules in this module's docstring; None: no usable tests."""
     if tests_column in row:
-        tests = _as_code(row[tests_column])
+        tests = as_source(row[tests_column])
         if tests.strip() and row.get("test_imports"):
-            tests = _as_code(row["test_imports"]) + "\n" + tests
+            tests = as_source(row["test_imports"]) + "\n" + tests
         return (extract_code(completion, tests), tests) if tests.strip() else None
     if "test_list" in row:
-        asserts = _as_code(row["test_list"])
+        asserts = as_source(row["test_list"])
         if not asserts.strip():
             return None
         tests = "\n".join(
-            filter(None, [_as_code(row.get("test_setup_code")), _as_code(row.get("test_imports")), asserts])
+            filter(None, [as_source(row.get("test_setup_code")), as_source(row.get("test_imports")), asserts])
         )
         return extract_code(completion, asserts), tests
     if "test" in row and "entry_point" in row:
-        entry_point, test = row["entry_point"], _as_code(row["test"])
+        entry_point, test = row["entry_point"], as_source(row["test"])
         if not test.strip() or not entry_point:
             return None
         tests = f"{test}\n\ncheck({entry_point})\n"
@@ -187,5 +179,5 @@ class CodeVerifier(BinaryVerifier):
         return self([row.get("prompt")], [text], **{k: [v] for k, v in row.items() if k != "prompt"})[0]
 
     def answer_key(self, text: str, row: dict[str, Any]) -> str | None:
-        tests = _as_code(row.get(self.gold_column) or row.get("test_list") or row.get("test"))
+        tests = as_source(row.get(self.gold_column) or row.get("test_list") or row.get("test"))
         return normalise_program(extract_code(text, tests, row.get("entry_point")))

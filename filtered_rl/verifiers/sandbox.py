@@ -162,7 +162,7 @@ class SandboxPool:
         """Run (program, tests) pairs in parallel; results in input order."""
         self._check()
         limits = limits or SandboxLimits()
-        requests = [{"program": p, "tests": _as_source(t), "limits": asdict(limits)} for p, t in jobs]
+        requests = [{"program": p, "tests": as_source(t), "limits": asdict(limits)} for p, t in jobs]
         # The worker enforces the timeout itself; the pool deadline only catches a wedged worker.
         replies = self._pool.map(requests, deadline_s=limits.timeout + 30.0)
         return [
@@ -215,9 +215,12 @@ class SandboxPool:
         self._pool.close()
 
 
-def _as_source(tests: str | list[str] | tuple[str, ...]) -> str:
-    """Tests as source: a string as is, a list/tuple of statements (e.g. asserts) joined by newlines."""
-    return tests if isinstance(tests, str) else "\n".join(str(line) for line in tests)
+def as_source(code: str | list[str] | tuple[str, ...] | None) -> str:
+    """Code as one text: a string as is, a list/tuple of statements (e.g. asserts) joined by newlines,
+    None as nothing."""
+    if code is None:
+        return ""
+    return "\n".join(str(line) for line in code) if isinstance(code, list | tuple) else str(code)
 
 
 _default_pool: SandboxPool | None = None
