@@ -389,15 +389,10 @@ def main(argv: list[str] | None = None) -> int:
         print(list_algorithms())
         return 0
     algorithm, (script_args, training_args, model_args, *controller) = parse_recipe_args(argv)
-    from trl import get_peft_config, get_quantization_config
-
     from filtered_rl import run_dir
-    from filtered_rl.callbacks import BetaFromValidityCallback, RunDirectoryCallback
-    from filtered_rl.data import DataError, load_task
-    from filtered_rl.trainers import ALGORITHMS
+    from filtered_rl.data import DataError
     from filtered_rl.trainers._base import end_run
 
-    trainer_class = ALGORITHMS[algorithm].trainer_class
     output_dir = training_args.output_dir
     try:
         run_dir.check_model_path(model_args.model_name_or_path, "model_name_or_path")
@@ -416,29 +411,71 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # ResumeError, OutputDirError, a missing model directory
         raise SystemExit(f"filtered-rl train: {error}") from None
     try:
-        task = load_task(
-            script_args.dataset_name,
-            data_files=script_args.data_files,
-            split=script_args.dataset_train_split,
-            limit=script_args.max_train_prompts,
-            conversational=script_args.conversational,
-            system_prompt=script_args.system_prompt,
-            prompt_column=script_args.prompt_column,
-            verifier=script_args.verifier,
-            gold_column=script_args.gold_column,
-            seed=training_args.seed,
-            countdown_kwargs=(
-                {"num_train": script_args.countdown_train_prompts}
-                if script_args.countdown_train_prompts
-                else None
-            ),
-        )
+        task = load_training_task(script_args, training_args)
     except (DataError, FileNotFoundError) as error:
         raise SystemExit(f"filtered-rl train: {error}") from None
 
     check_before_loading(task, training_args, controller[0] if controller else None, script_args)
     model_path = resolve_model(model_args.model_name_or_path)
     check_prompt_length_limit(task, model_path, training_args, script_args)
+    if training_args.should_save:
+        run_dir.claim(output_dir, [] if "README.md" in foreign else ["README.md"], kind="training run")
+    trainer = make_trainer(
+        algorithm, (script_args, training_args, model_args, *controller), model_path, task.dataset, task.verifier,
+        foreign=set(foreign),
+    )  # fmt: skip
+    if "README.md" in foreign:  # TRL writes its model card to output_dir/README.md at every save
+        trainer.create_model_card = lambda *args, **kwargs: None
+
+    trainer.train(resume_from_checkpoint=resume)
+    saved = _save_final_model(trainer, Path(output_dir), set(foreign))
+    trainer.accelerator.print(f"model saved to {saved}")
+    end_run(trainer)
+    return 0
+
+
+def load_training_task(script_args: Any, training_args: Any) -> Any:
+    """The training prompts and verifier `filtered-rl train` uses for these settings (`load_task`)."""
+    from filtered_rl.data import load_task
+
+    return load_task(
+        script_args.dataset_name,
+        data_files=script_args.data_files,
+        split=script_args.dataset_train_split,
+        limit=script_args.max_train_prompts,
+        conversational=script_args.conversational,
+        system_prompt=script_args.system_prompt,
+        prompt_column=script_args.prompt_column,
+        verifier=script_args.verifier,
+        gold_column=script_args.gold_column,
+        seed=training_args.seed,
+        countdown_kwargs=(
+            {"num_train": script_args.countdown_train_prompts}
+            if script_args.countdown_train_prompts
+            else None
+        ),
+    )
+
+
+def make_trainer(
+    algorithm: str,
+    parsed: tuple,
+    model_path: str,
+    train_dataset: Any,
+    reward_funcs: Any,
+    *,
+    foreign: set[str] = frozenset(),
+    callbacks: list[Any] = (),
+) -> Any:
+    """The trainer of `filtered-rl train` (also the study's, `filtered_rl.study`): the algorithm's trainer
+    class on `model_path` with the parsed (script, training, model[, controller]) arguments, checkpoints
+    rotated by `RunDirectoryCallback` (never `foreign` entries), the β-from-μ controller attached when set."""
+    from trl import get_peft_config, get_quantization_config
+
+    from filtered_rl.callbacks import BetaFromValidityCallback, RunDirectoryCallback
+    from filtered_rl.trainers import ALGORITHMS
+
+    script_args, training_args, model_args, *controller = parsed
     training_args.model_init_kwargs = {
         "revision": model_args.model_revision,
         "attn_implementation": model_args.attn_implementation,
@@ -447,31 +484,25 @@ def main(argv: list[str] | None = None) -> int:
     }
     # transformers' rotation deletes any checkpoint-N folder: RunDirectoryCallback rotates only ours.
     save_total_limit, training_args.save_total_limit = training_args.save_total_limit, None
-    if training_args.should_save:
-        run_dir.claim(output_dir, [] if "README.md" in foreign else ["README.md"], kind="training run")
-    trainer = trainer_class(
+    trainer = ALGORITHMS[algorithm].trainer_class(
         model=model_path,
-        reward_funcs=task.verifier,
+        reward_funcs=reward_funcs,
         args=training_args,
-        train_dataset=task.dataset,
+        train_dataset=train_dataset,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
-        callbacks=[RunDirectoryCallback(output_dir, set(foreign), save_total_limit)],
+        callbacks=[
+            RunDirectoryCallback(training_args.output_dir, set(foreign), save_total_limit),
+            *callbacks,
+        ],
     )
-    if "README.md" in foreign:  # TRL writes its model card to output_dir/README.md at every save
-        trainer.create_model_card = lambda *args, **kwargs: None
     if controller and controller[0].target_validity is not None:
         BetaFromValidityCallback(
             target_validity=controller[0].target_validity,
             closed_loop=controller[0].controller_closed_loop,
             estimator=controller[0].controller_estimator,
         ).attach(trainer)
-
-    trainer.train(resume_from_checkpoint=resume)
-    saved = _save_final_model(trainer, Path(output_dir), set(foreign))
-    trainer.accelerator.print(f"model saved to {saved}")
-    end_run(trainer)
-    return 0
+    return trainer
 
 
 def _save_final_model(trainer: Any, output_dir: Path, foreign: set[str]) -> Path:

@@ -1,4 +1,4 @@
-"""The study's answer from a frontier run: each method family's frontier, and families at matched pass@1.
+"""The study's answer from its runs: each method family's frontier, and families at matched pass@1.
 
 A family (GRPO+KL with β swept, the filtered objective with its divergence swept, MARA, ...) traces
 points (pass@1, diversity) as its knob moves. What a family can reach is the upper concave envelope of
@@ -10,15 +10,24 @@ Differences between arms or families are what a user acts on, and most of each a
 prompt-to-prompt spread that every arm shares, so differences get a *paired* bootstrap: one draw of seeds
 and prompts applied to every arm at once (`paired_resamples`).
 
-Everything here reads what the frontier wrote, exact metrics only (`exact.json` per evaluation, with
-per-prompt values, and `exact_curve.jsonl` per run), so it runs again in seconds on finished runs:
+Two sets of metrics (`MetricSet`), each read per prompt from a file every evaluation writes, so this
+runs again in seconds on finished runs:
+- `EXACT` (`exact.json`, tasks that enumerate their valid answers): exact pass@1, pass@256, coverage@256
+  and KL(p* ‖ π(·|valid)) by teacher forcing, on the held-out prompts and on training prompts
+  (`exact_train.json`), and `exact_curve.jsonl` per run (exact validity and coverage during training);
+- `SAMPLED` (`sampled.json`, any task: `filtered_rl.study.sampled`): pass@1 and pass@n of the n evaluation
+  samples, distinct valid answers, answer entropy among valid samples, and the expected number of distinct
+  answers among m valid samples, which does not grow with validity itself.
 
-    filtered-rl frontier ... --output-dir DIR     # writes study.md, study_frontier.png, study_curves.png
+    filtered-rl study ... --output-dir DIR      # study.md, study_frontier*.png, study_curves.png
+    filtered-rl frontier ... --output-dir DIR   # the synthetic presets: the exact sets only
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +56,61 @@ def per_prompt_values(exact: dict[str, Any]) -> dict[str, np.ndarray]:
     }
 
 
-def arm_points(evaluations: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class MetricSet:
+    """A set of per-prompt metrics the study compares arms in: pass@1 against each of `axes` ((column,
+    label, higher is better)), read by `values` from the per-prompt file each evaluation writes. `prompt_sets`
+    lists (file, heading, frontier figure) per prompt set; `prefix` starts every column's label."""
+
+    name: str
+    axes: tuple[tuple[str, str, bool], ...]
+    values: Callable[[dict[str, Any]], dict[str, np.ndarray]]
+    prompt_sets: tuple[tuple[str, str, str], ...]
+    prefix: str
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return ("pass@1", *(m for m, _, _ in self.axes))
+
+
+def arm_points(
+    evaluations: dict[str, list[dict[str, Any]]], metrics: MetricSet | None = None
+) -> list[dict[str, Any]]:
     """One point per arm: the mean over seeds and prompts of each metric and its bootstrap standard error
-    (resampling seeds and prompts: `bootstrap_se`). `evaluations` maps an arm to its seeds' exact.json."""
+    (resampling seeds and prompts: `bootstrap_se`). `evaluations` maps an arm to its seeds' exact.json
+    (or `metrics`' file). A prompt where a metric is undefined (NaN) is left out of that metric's mean."""
+    metrics = metrics or EXACT
     points = []
     for arm, seeds in evaluations.items():
-        values = [per_prompt_values(e) for e in seeds]
+        values = [metrics.values(e) for e in seeds]
         width = min(len(v["pass@1"]) for v in values)
         point: dict[str, Any] = {"run": arm, "seeds": len(seeds)}
-        for key in KEYS:
+        for key in metrics.keys:
             matrix = np.stack([v[key][:width] for v in values])
-            point[key] = float(matrix.mean())
-            point[f"{key}_se"] = bootstrap_se(matrix)
+            point[key] = _mean(matrix)
+            point[f"{key}_se"] = (
+                bootstrap_se(matrix) if not np.isnan(matrix).any() else _nan_bootstrap_se(matrix)
+            )
         points.append(point)
     return points
+
+
+def _mean(values: np.ndarray) -> float:
+    """The mean of the defined values (NaN when none is)."""
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if defined.size else float("nan")
+
+
+def _nan_bootstrap_se(values: np.ndarray, num_resamples: int = 1000, seed: int = 0) -> float:
+    """`bootstrap_se` of a matrix with undefined (NaN) cells: each resample's mean over its defined cells."""
+    seeds, prompts = values.shape
+    rng = np.random.default_rng(seed)
+    means = np.array([
+        _mean(values[np.ix_(rng.integers(0, seeds, seeds), rng.integers(0, prompts, prompts))])
+        for _ in range(num_resamples)
+    ])  # fmt: skip
+    means = means[~np.isnan(means)]
+    return float(means.std(ddof=1)) if means.size > 1 else float("nan")
 
 
 def paired_resamples(
@@ -69,6 +119,7 @@ def paired_resamples(
     levels: list[float],
     num_resamples: int = 200,
     seed: int = 0,
+    metrics: MetricSet | None = None,
 ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
     """Paired bootstrap of every arm's means and every family's matched-pass@1 values.
 
@@ -81,13 +132,12 @@ def paired_resamples(
     matched[family][metric] a (resamples × levels) array of the family's frontier value at each pass@1
     level, NaN where that resample's frontier does not reach the level.
     """
-    values = {
-        arm: {s: per_prompt_values(e) for s, e in by_seed.items()} for arm, by_seed in evaluations.items()
-    }
+    metrics = metrics or EXACT
+    values = {arm: {s: metrics.values(e) for s, e in by_seed.items()} for arm, by_seed in evaluations.items()}
     width = min(len(v["pass@1"]) for by_seed in values.values() for v in by_seed.values())
     all_seeds = sorted({s for by_seed in values.values() for s in by_seed})
     rng = np.random.default_rng(seed)
-    means = {arm: {k: np.empty(num_resamples) for k in KEYS} for arm in values}
+    means = {arm: {k: np.empty(num_resamples) for k in metrics.keys} for arm in values}
     matched: dict[str, dict[str, np.ndarray]] = {}
     for i in range(num_resamples):
         drawn = rng.choice(all_seeds, len(all_seeds))
@@ -98,10 +148,10 @@ def paired_resamples(
             if not rows:
                 rows = list(rng.choice(sorted(by_seed), len(by_seed)))
             point: dict[str, Any] = {"run": arm}
-            for k in KEYS:
-                point[k] = means[arm][k][i] = np.stack([by_seed[s][k][:width][cols] for s in rows]).mean()
+            for k in metrics.keys:
+                point[k] = means[arm][k][i] = _mean(np.stack([by_seed[s][k][:width][cols] for s in rows]))
             points.append(point)
-        for family, by_metric in family_frontiers(points, families).items():
+        for family, by_metric in family_frontiers(points, families, metrics).items():
             for metric, frontier in by_metric.items():
                 out = matched.setdefault(family, {}).setdefault(
                     metric, np.full((num_resamples, len(levels)), np.nan)
@@ -122,7 +172,7 @@ def spread(samples: np.ndarray, min_defined: float = 0.5) -> float | None:
 
 
 def family_frontiers(
-    points: list[dict[str, Any]], families: dict[str, str]
+    points: list[dict[str, Any]], families: dict[str, str], metrics: MetricSet | None = None
 ) -> dict[str, dict[str, list[tuple[float, float]]]]:
     """For each family and metric, the upper frontier of (pass@1, metric) over its arms and the base model.
     Lower-is-better metrics are negated for the envelope and returned in their own sign."""
@@ -133,9 +183,10 @@ def family_frontiers(
         if base is not None:
             members.append(base)
         out[family] = {}
-        for metric, _, higher in METRICS:
+        for metric, _, higher in (metrics or EXACT).axes:
             sign = 1.0 if higher else -1.0
-            hull = upper_frontier([(p["pass@1"], sign * p[metric]) for p in members])
+            members_defined = [p for p in members if np.isfinite(p[metric]) and np.isfinite(p["pass@1"])]
+            hull = upper_frontier([(p["pass@1"], sign * p[metric]) for p in members_defined])
             out[family][metric] = [(x, sign * y) for x, y in hull]
     return out
 
@@ -209,20 +260,23 @@ def points_table(
     points: list[dict[str, Any]],
     families: dict[str, str],
     means: dict[str, dict[str, np.ndarray]] | None = None,
+    metrics: MetricSet | None = None,
 ) -> str:
     """Markdown: every arm's mean ± SE of each metric; with `means` (from `paired_resamples`) also its
     pass@1 gain over the base model ± the paired SE of that gain."""
+    metrics = metrics or EXACT
+    keys = metrics.keys
     gain = means is not None and BASE in means
     lines = [
         "| run | family | seeds | "
-        + " | ".join(f"exact {k}" for k in KEYS)
+        + " | ".join(f"{metrics.prefix}{k}" for k in keys)
         + (" | pass@1 − base (paired SE)" if gain else "")
         + " |",
-        "|---" * (len(KEYS) + 3 + gain) + "|",
+        "|---" * (len(keys) + 3 + gain) + "|",
     ]
     base = next((p for p in points if p["run"] == BASE), None)
     for p in points:
-        cells = [f"{p[k]:.3f} ± {p[f'{k}_se']:.3f}" for k in KEYS]
+        cells = [f"{p[k]:.3f} ± {p[f'{k}_se']:.3f}" for k in keys]
         if gain and base is not None:
             paired = means[p["run"]]["pass@1"] - means[BASE]["pass@1"]
             cells.append(
@@ -250,6 +304,7 @@ def plot_study(
     families: dict[str, str],
     path: Path,
     prompts: str = "held-out prompts",
+    metrics: MetricSet | None = None,
 ) -> Path:
     """pass@1 against each diversity metric: every arm (± bootstrap SE), each family's frontier, the base."""
     import matplotlib
@@ -257,9 +312,11 @@ def plot_study(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    metrics = metrics or EXACT
     colors = family_colors(list(frontiers))
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(5.2 * len(METRICS), 4.4), dpi=120)
-    for ax, (metric, label, _) in zip(axes, METRICS, strict=True):
+    fig, axes = plt.subplots(1, len(metrics.axes), figsize=(5.2 * len(metrics.axes), 4.4), dpi=120)
+    axes = np.atleast_1d(axes)
+    for ax, (metric, label, _) in zip(axes, metrics.axes, strict=True):
         for p in points:
             base = p["run"] == BASE
             ax.errorbar(
@@ -268,10 +325,12 @@ def plot_study(
                 color="black" if base else colors[families[p["run"]]],
             )  # fmt: skip
         for family, by_metric in frontiers.items():
+            if not by_metric[metric]:
+                continue
             xs, ys = zip(*by_metric[metric], strict=True)
             style = "--" if ORACLE_MARK in family else "-"  # an oracle reference, not a method
             ax.plot(xs, ys, style, color=colors[family], label=family, linewidth=1.5)
-        ax.set_xlabel(f"exact pass@1 ({prompts})")
+        ax.set_xlabel(f"{metrics.prefix}pass@1 ({prompts})")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
@@ -323,21 +382,61 @@ PROMPT_SETS = (
     ),
     ("exact.json", "held-out prompts", "study_frontier.png"),
 )
+EXACT = MetricSet("exact", METRICS, per_prompt_values, PROMPT_SETS, "exact ")
 
 
-def arm_difference_table(means: dict[str, dict[str, np.ndarray]], pairs: list[tuple[str, str]]) -> str:
+def sampled_values(sampled: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Per-prompt values of one evaluation's `sampled.json` (`filtered_rl.study.sampled`); NaN where a metric
+    is undefined (entropy without a valid sample, distinct among m valid with fewer than m)."""
+    rows = sampled["per_prompt"]
+
+    def column(key: str) -> np.ndarray:
+        return np.array([np.nan if r[key] is None else r[key] for r in rows], dtype=np.float64)
+
+    return {
+        "pass@1": column("pass@1"),
+        "pass@n": column("pass@n"),
+        "distinct_valid": column("distinct_valid"),
+        "entropy_valid": column("entropy_valid"),
+        "distinct_m_valid": column("distinct_m_valid"),
+    }
+
+
+SAMPLED = MetricSet(
+    "sampled",
+    (
+        ("pass@n", "pass@n (n = the evaluation samples per prompt)", True),
+        ("distinct_valid", "distinct valid answers (of n samples)", True),
+        ("entropy_valid", "answer entropy among valid samples (nats)", True),
+        ("distinct_m_valid", "distinct answers among m valid samples (does not grow with validity)", True),
+    ),
+    sampled_values,
+    (("sampled.json", "held-out prompts, sampled", "study_frontier_sampled.png"),),
+    "",
+)
+
+
+def arm_difference_table(
+    means: dict[str, dict[str, np.ndarray]], pairs: list[tuple[str, str]], metrics: MetricSet | None = None
+) -> str:
     """Markdown: arm A minus arm B in each metric, ± the paired bootstrap SE (`means` from `paired_resamples`);
     a pair with an arm not evaluated on this prompt set says so."""
-    lines = ["| A − B | " + " | ".join(f"exact {k}" for k in KEYS) + " |", "|---" * (len(KEYS) + 1) + "|"]
+    metrics = metrics or EXACT
+    keys = metrics.keys
+    lines = [
+        "| A − B | " + " | ".join(f"{metrics.prefix}{k}" for k in keys) + " |",
+        "|---" * (len(keys) + 1) + "|",
+    ]
     for a, b in pairs:
         missing = [arm for arm in (a, b) if arm not in means]
         if missing:
-            lines.append(f"| {a} − {b} | not evaluated: {', '.join(missing)} |" + " |" * (len(KEYS) - 1))
+            lines.append(f"| {a} − {b} | not evaluated: {', '.join(missing)} |" + " |" * (len(keys) - 1))
             continue
         cells = []
-        for k in KEYS:
+        for k in keys:
             diff = means[a][k] - means[b][k]
-            cells.append(_cell(float(diff.mean()), spread(diff), signed=True))
+            defined = diff[~np.isnan(diff)]
+            cells.append(_cell(float(defined.mean()), spread(diff), signed=True) if defined.size else "–")
         lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -351,11 +450,13 @@ def study_section(
     figure: str,
     reference: str | None = None,
     compare: list[tuple[str, str]] = (),
+    metrics: MetricSet | None = None,
 ) -> list[str] | None:
     """Markdown sections (points table, matched-pass@1 tables, differences from the reference family) and
-    the frontier figure for one prompt set; None when the base model or every arm lacks that set's exact
-    metrics. `reference` defaults to the first family of `runs`; `compare` lists (arm A, arm B) run names
-    (or BASE) whose paired differences get a table of their own."""
+    the frontier figure for one prompt set; None when the base model or every arm lacks that set's
+    per-prompt file. `reference` defaults to the first family of `runs`; `compare` lists (arm A, arm B) run
+    names (or BASE) whose paired differences get a table of their own."""
+    metrics = metrics or EXACT
     families = {name: family for name, _, family in runs}
     evaluations: dict[str, dict[int, dict[str, Any]]] = {}
     for name, slug, _ in [(BASE, "base", BASE), *runs]:
@@ -365,15 +466,26 @@ def study_section(
             evaluations[name] = exact
     if BASE not in evaluations or len(evaluations) < 2:
         return None
-    points = arm_points({arm: list(by_seed.values()) for arm, by_seed in evaluations.items()})
-    frontiers = family_frontiers(points, families)
+    points = arm_points({arm: list(by_seed.values()) for arm, by_seed in evaluations.items()}, metrics)
+    frontiers = family_frontiers(points, families, metrics)
     levels = matched_levels(points)
-    means, matched = paired_resamples(evaluations, families, levels)
+    means, matched = paired_resamples(evaluations, families, levels, metrics=metrics)
     if reference not in frontiers:
         reference = next(iter(frontiers))
-    plot_study(points, frontiers, families, output_dir / figure, prompts=title.split(" (")[0])
-    sections = [f"## On the {title}", f"![frontiers]({figure})", points_table(points, families, means)]
-    for metric, label, higher in METRICS:
+    plot_study(
+        points, frontiers, families, output_dir / figure, prompts=title.split(" (")[0], metrics=metrics
+    )
+    sections = [f"## On the {title}", f"![frontiers]({figure})"]
+    if metrics is SAMPLED:
+        first = next(iter(evaluations[BASE].values()))
+        sections.append(
+            f"n = {first.get('num_samples')} samples per prompt; pass@k is the unbiased estimator; distinct answers "
+            f"among m = {first.get('m')} valid samples is the expected number of distinct answers in m valid "
+            "samples drawn without replacement, over the prompts with at least m valid samples "
+            "(`filtered_rl.study.sampled`)."
+        )
+    sections.append(points_table(points, families, means, metrics))
+    for metric, label, higher in metrics.axes:
         better = "higher" if higher else "lower"
         sections += [
             f"### {label} at matched pass@1 ({better} is better; every frontier includes the base model; "
@@ -386,9 +498,12 @@ def study_section(
     if compare:
         sections += [
             "### Paired differences between named arms (± paired bootstrap SE over seeds and prompts)",
-            arm_difference_table(means, list(compare)),
+            arm_difference_table(means, list(compare), metrics),
         ]
     return sections
+
+
+STUDY_TITLE = "# Frontier study (exact metrics, mean ± bootstrap SE over seeds and prompts)"
 
 
 def write_study(
@@ -397,24 +512,27 @@ def write_study(
     seeds: list[int],
     reference: str | None = None,
     compare: list[tuple[str, str]] = (),
+    metric_sets: tuple[MetricSet, ...] = (),
+    title: str = STUDY_TITLE,
+    preamble: list[str] = (),
 ) -> Path | None:
-    """study.md and figures from a frontier's output directory. `runs` is (name, slug, family) per arm;
+    """study.md and figures from a study's output directory. `runs` is (name, slug, family) per arm;
     families are compared with `reference` (default: the first family of `runs`), and the (A, B) run-name
-    pairs of `compare` arm by arm. None when the task has no exact metrics (nothing to write)."""
+    pairs of `compare` arm by arm. `metric_sets` (default: the exact metrics only, as `filtered-rl frontier`
+    writes) are reported in order, each on its prompt sets. None when no set has a base model and an arm
+    evaluated (nothing to write)."""
     from filtered_rl.evaluation.outputs import atomic_write_text
-    from filtered_rl.synthetic.exact_curve import CURVE_FILE, read_curve
+    from filtered_rl.study.curve import CURVE_FILE, read_curve
 
     families = {name: family for name, _, family in runs}
-    sections = [
-        "# Frontier study (exact metrics, mean ± bootstrap SE over seeds and prompts)",
-        f"Seeds: {', '.join(map(str, seeds))}.",
-    ]
+    sections = [title, *preamble, f"Seeds: {', '.join(map(str, seeds))}."]
     found = False
-    for file, title, figure in PROMPT_SETS:
-        part = study_section(output_dir, runs, seeds, file, title, figure, reference, compare)
-        if part is not None:
-            sections += part
-            found = True
+    for metrics in metric_sets or (EXACT,):
+        for file, heading, figure in metrics.prompt_sets:
+            part = study_section(output_dir, runs, seeds, file, heading, figure, reference, compare, metrics)
+            if part is not None:
+                sections += part
+                found = True
     if not found:
         return None
     curves = {}
@@ -427,6 +545,77 @@ def write_study(
         sections.append(
             "## Exact validity and coverage@256 (held-out) during training\n\n![curves](study_curves.png)"
         )
+    if metric_sets and SAMPLED in metric_sets:
+        logs = {}
+        for name, slug, _ in runs:
+            seed_logs = [read_train_log(output_dir / "train" / f"{slug}-seed{s}") for s in seeds]
+            if seed_logs and all(seed_logs):
+                logs[name] = seed_logs
+        if logs:
+            plot_train_logs(logs, families, output_dir / "study_train_curves.png")
+            sections.append(
+                "## Validity and token entropy of the training samples during training (TRL's logged `reward` "
+                "mean and `entropy`, mean over seeds)\n\n![training curves](study_train_curves.png)"
+            )
     path = output_dir / "study.md"
     atomic_write_text(path, "\n\n".join(sections) + "\n")
+    return path
+
+
+TRAIN_LOG = "train_log.jsonl"
+
+
+def read_train_log(run_dir: Path) -> list[dict[str, Any]]:
+    """The logged (step, reward, entropy) points of one run (a line cut by a kill is skipped; a step
+    logged twice keeps its last value)."""
+    path = run_dir / TRAIN_LOG
+    if not path.exists():
+        return []
+    points: dict[int, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(entry, dict) and "reward" in entry and "step" in entry:
+            points[int(entry["step"])] = {
+                "step": int(entry["step"]),
+                "reward": entry["reward"],
+                "entropy": entry.get("entropy"),
+            }
+    return [points[s] for s in sorted(points)]
+
+
+def plot_train_logs(
+    logs: dict[str, list[list[dict[str, Any]]]], families: dict[str, str], path: Path
+) -> Path:
+    """Training-sample validity (reward mean) and token entropy against step, per arm (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = family_colors(list(dict.fromkeys(families[a] for a in logs)))
+    styles = ["-", "--", ":", "-."]
+    seen: dict[str, int] = {}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120)
+    for arm, seeds in logs.items():
+        family = families[arm]
+        style = styles[seen.get(family, 0) % len(styles)]
+        seen[family] = seen.get(family, 0) + 1
+        steps = sorted(set.intersection(*({p["step"] for p in s} for s in seeds)))
+        for ax, key in zip(axes, ("reward", "entropy"), strict=True):
+            values = [
+                np.mean([next(p[key] for p in s if p["step"] == t) or np.nan for s in seeds]) for t in steps
+            ]
+            ax.plot(steps, values, style, color=colors[family], label=arm, linewidth=1.2)
+    axes[0].set_ylabel("validity of the training samples (reward mean)")
+    axes[1].set_ylabel("token entropy of the training samples")
+    for ax in axes:
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
     return path

@@ -13,8 +13,11 @@ curves and the coverage–precision plane (pass@1 against pass@n) with the base 
 
 With exact metrics (tasks that enumerate their valid answers) every run also records exact validity and
 coverage during training (`exact_curve.jsonl`), and the output directory gets `study.md`: each method
-family's frontier and the families compared at matched pass@1 (`filtered_rl.synthetic.study`).
+family's frontier and the families compared at matched pass@1 (`filtered_rl.study.report`).
 
+This module holds the synthetic presets (study configs: `Preset` is `filtered_rl.study.StudyConfig`) and
+their arms; the machinery (training an arm, the sampled and exact evaluations, the tables, the report)
+is the product's study (`filtered_rl.study`, `filtered-rl study`), imported here under its old names.
 Runs are resumable: a finished training run (its `final/` model) or evaluation (`summary.json`) is
 reused, a killed one restarts from its last checkpoint / last finished prompt batch.
 """
@@ -22,62 +25,33 @@ reused, a killed one restarts from its last checkpoint / last finished prompt ba
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-import numpy as np
+from filtered_rl.study.runner import (  # noqa: F401  (the frontier's names before the study moved)
+    EXACT_FILE,
+    EXACT_TRAIN_FILE,
+    REHEARSAL_ALGORITHMS,
+    distill_run,
+    enumerated_answers,
+    evaluate_model,
+    exact_base_validity,
+    exact_curve_callback,
+    exact_metrics,
+    exact_train_metrics,
+    run_seed,
+    train_run,
+    train_task,
+    write_results,
+)
+from filtered_rl.study.runner import prepare_rehearsal as _prepare_rehearsal
+from filtered_rl.study.spec import RunSpec, slug
+from filtered_rl.study.spec import StudyConfig as Preset
+from filtered_rl.study.tables import aggregate, format_table, plot_frontier, row_from_summary  # noqa: F401
 
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training configuration: `algorithm` is any registered algorithm (`filtered-rl train --list`).
-
-    `dph`, `filtered_pstar` and `rft` need offline base-model samples: the frontier draws `rehearsal_samples`
-    per training prompt (cached under `<output-dir>/rehearsal/`) and keeps the verified ones of the prompts
-    with at least `rehearsal_min_correct` of them (`filtered_pstar`, `rft`: 1, every verified sample is a
-    draw of p*).
-    `pstar_distill` is no RL algorithm: the exact distillation of p* (`filtered_rl.synthetic.distill`).
-    """
-
-    name: str
-    algorithm: str
-    options: dict[str, Any] = field(default_factory=dict)  # config fields: beta, divergence, alpha, ...
-    target_validity: float | None = None  # grpo/rloo only: the β-from-μ controller
-    rehearsal_min_correct: int | None = None  # dph/filtered_pstar/rft (None: all of them, the paper's)
-    rehearsal_samples: int = 8  # dph/filtered_pstar/rft: base-model samples per training prompt
-    family: str | None = None  # the method family whose frontier this run is a point of (None: algorithm)
-
-    @property
-    def family_name(self) -> str:
-        return self.family or self.algorithm
-
-
-@dataclass
-class Preset:
-    """Sizes of one frontier experiment (the same budget for every run)."""
-
-    base_size: str
-    runs: tuple[RunSpec, ...]
-    steps: int
-    train_prompts: int
-    num_generations: int
-    batch_size: int
-    learning_rate: float
-    eval_prompts: int
-    eval_samples: int
-    max_completion_length: int = 24
-    task: str = "countdown"  # a registered synthetic task (filtered_rl.synthetic.tasks)
-    exact: bool = True  # also exact metrics by teacher forcing, where the task enumerates its valid answers
-    base_steps: int | None = None  # pretraining steps of the base model (None: the task's default)
-    exact_train_prompts: int = 200  # exact metrics also on this many of the training prompts (0: none)
-    curve_points: int = 10  # exact metrics this many times during training (exact tasks only; 0: none)
-
-
-# Method families: the runs whose points make one frontier in the study (filtered_rl.synthetic.study).
+# Method families: the runs whose points make one frontier in the study (filtered_rl.study.report).
 KL_GRPO, KL_RLOO, KL_TILTED = "GRPO + KL", "RLOO + KL", "tilted target p_β"
 FILTERED, REMEDIES = "filtered (f-DPG → p*)", "filtered + remedies"
 GRPO_SMALL_BETA = RunSpec("grpo β=0.01", "grpo", {"beta": 0.01}, family=KL_GRPO)
@@ -232,11 +206,6 @@ PRESETS: dict[str, Preset] = {
 }  # fmt: skip
 
 
-def slug(name: str) -> str:
-    return "".join(c if c.isalnum() else "-" for c in name.lower().replace("α", "alpha").replace("β", "beta")
-                   .replace("μ", "mu").replace("*", "star")).strip("-")  # fmt: skip
-
-
 # `--arms`: every run spec by a short name (the baselines) or its slug (e.g. grpo-beta-0-01).
 ARMS: dict[str, RunSpec] = {
     "mara": MARA, "dph": DPH_FKL, "unlikeliness": UNLIKELINESS, "passk": PASSK,
@@ -265,316 +234,15 @@ def select_task(preset: Preset, task: str | None) -> Preset:
     return replace(preset, task=task, max_completion_length=length)
 
 
-REHEARSAL_ALGORITHMS = ("dph", "filtered_pstar", "rft")
-
-
 def prepare_rehearsal(
     spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset, seed: int
 ) -> RunSpec:
     """`dph`/`filtered_pstar`/`rft` runs: draw (once, resumably) the base model's samples of the training
-    prompts; else unchanged."""
+    prompts; else unchanged (`filtered_rl.study.runner.prepare_rehearsal`)."""
     if spec.algorithm not in REHEARSAL_ALGORITHMS or "rehearsal_path" in spec.options:
         return spec
-    from filtered_rl.rehearsal import sample_rehearsal
-
-    samples, least = spec.rehearsal_samples, spec.rehearsal_min_correct or spec.rehearsal_samples
-    # K = 8 (dph) keeps the folder name it had before K could be chosen
-    name = f"seed{seed}-min{least}" if samples == 8 else f"seed{seed}-k{samples}-min{least}"
-    folder = output_dir / "rehearsal" / name
     prompts = len(train_task(preset, seed).dataset)  # the training prompts (a task's pool may be smaller)
-    sample_rehearsal(
-        str(base_model), folder, num_samples=samples, min_correct=least, dataset=preset.task, split="train",
-        num_prompts=prompts, max_new_tokens=preset.max_completion_length, seed=seed, progress=False,
-    )  # fmt: skip
-    return replace(spec, options={**spec.options, "rehearsal_path": str(folder)})
-
-
-def train_task(preset: Preset, seed: int) -> Any:
-    """The prompts (and verifier) every run of this seed trains on; the exact training-prompt metrics read
-    the same ones."""
-    from filtered_rl.data import load_task
-
-    return load_task(preset.task, split="train", seed=seed, task_options={"num_train": preset.train_prompts})
-
-
-def enumerated_answers(task: Any) -> tuple[list[str], list[list[str]]] | None:
-    """The task's prompts and each one's enumerated valid answers (sorted), or None when there are no
-    prompts or the task cannot enumerate some prompt's answers. A prompt may have none."""
-    rows = task.dataset.to_list()
-    answers = [task.valid_answers(row) for row in rows]
-    if not rows or any(a is None for a in answers):
-        return None
-    return [r["prompt"] for r in rows], [sorted(a) for a in answers]
-
-
-def train_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> Path:
-    """Train one run from the base model; returns its final model directory (reused when present)."""
-    import torch
-
-    from filtered_rl.callbacks import BetaFromValidityCallback
-    from filtered_rl.synthetic.console import attach_console_progress
-    from filtered_rl.trainers import ALGORITHMS
-
-    if spec.algorithm == "pstar_distill":
-        return distill_run(spec, base_model, output_dir, preset, seed)
-    final = output_dir / "final"
-    if (final / "config.json").exists():
-        return final
-    on_gpu = torch.cuda.is_available()
-    config_class, trainer_class = (
-        ALGORITHMS[spec.algorithm].config_class,
-        ALGORITHMS[spec.algorithm].trainer_class,
-    )
-    args = config_class(
-        output_dir=str(output_dir),
-        max_steps=preset.steps,
-        learning_rate=preset.learning_rate,
-        lr_scheduler_type="constant",
-        num_generations=preset.num_generations,
-        per_device_train_batch_size=preset.batch_size,
-        max_completion_length=preset.max_completion_length,
-        temperature=1.0,
-        seed=seed,
-        logging_steps=max(1, preset.steps // 20),
-        save_steps=max(1, preset.steps // 2),
-        save_total_limit=1,
-        gradient_checkpointing=False,
-        use_cpu=not on_gpu,
-        bf16=on_gpu,
-        report_to=[],
-        disable_tqdm=True,
-        **spec.options,
-    )
-    task = train_task(preset, seed)
-    dataset = task.dataset
-    if spec.options.get("partition_estimate") == "column":
-        dataset = dataset.add_column(
-            args.base_validity_column, exact_base_validity(task, base_model, output_dir.parent, seed)
-        )
-    trainer = trainer_class(
-        model=str(base_model), reward_funcs=task.verifier, args=args, train_dataset=dataset
-    )
-    if spec.target_validity is not None:
-        BetaFromValidityCallback(target_validity=spec.target_validity).attach(trainer)
-    curve = exact_curve_callback(base_model, output_dir, preset, seed)
-    if curve is not None:
-        trainer.add_callback(curve)
-    # One bar per run on the console, every logged dict in train_log.jsonl instead of on the screen.
-    attach_console_progress(
-        trainer, desc=f"{spec.name} (seed {seed})", log_file=output_dir / "train_log.jsonl"
-    )
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    start = time.perf_counter()
-    trainer.train(resume_from_checkpoint=str(checkpoints[-1]) if checkpoints else None)
-    trainer.save_model(str(final))
-    trainer.processing_class.save_pretrained(str(final))
-    (output_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
-    (final / "train_minutes.json").write_text(json.dumps((time.perf_counter() - start) / 60))
-    return final
-
-
-def distill_run(spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> Path:
-    """The exact distillation of p* on this seed's training prompts (`filtered_rl.synthetic.distill`): the
-    preset's steps (or options["steps"]) and prompts per step (batch_size / num_generations, as the RL
-    arms see), its learning rate; the held-out exact curve as for the RL arms."""
-    from filtered_rl.synthetic.distill import distill_pstar
-
-    enumerated = enumerated_answers(train_task(preset, seed))
-    if enumerated is None:
-        raise ValueError(
-            f"{spec.name!r} distils p* exactly and needs the valid answers of every training prompt; task "
-            f"{preset.task!r} does not enumerate them (drop this arm)"
-        )
-    steps = int(spec.options.get("steps", preset.steps))
-    curve = exact_curve_callback(base_model, output_dir, replace(preset, steps=steps), seed)
-    per_step = int(spec.options.get("prompts_per_step", max(1, preset.batch_size // preset.num_generations)))
-    return distill_pstar(
-        base_model, *enumerated, output_dir, steps=steps, learning_rate=preset.learning_rate,
-        prompts_per_step=per_step, seed=seed, curve=curve,
-    )  # fmt: skip
-
-
-def exact_base_validity(task: Any, base_model: Path, cache_dir: Path, seed: int) -> list[float]:
-    """A(x) of every training prompt, exactly (teacher forcing over its valid answers), for the filtered
-    objective's partition_estimate='column': the normaliser of p* measured offline instead of estimated
-    from each group. Cached (atomically) per seed in `cache_dir`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from filtered_rl.evaluation.exact import exact_evaluation
-    from filtered_rl.evaluation.outputs import atomic_write_text
-    from filtered_rl.synthetic.console import quiet_libraries
-
-    path = cache_dir / f"base_validity-seed{seed}-{len(task.dataset)}.json"
-    if path.exists():
-        return json.loads(path.read_text())
-    enumerated = enumerated_answers(task)
-    if enumerated is None or not all(enumerated[1]):
-        raise ValueError(
-            f"partition_estimate='column' on {task.name!r} needs every training prompt's valid answers "
-            "enumerated (the task's valid_answers); use partition_estimate='running' for this task"
-        )
-    with quiet_libraries():
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-        model = AutoModelForCausalLM.from_pretrained(base_model)
-    result = exact_evaluation(model, model, tokenizer, *enumerated, ks=(1,))
-    values = [float(row["base_validity"]) for row in result["per_prompt"]]
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(values))
-    return values
-
-
-def exact_curve_callback(base_model: Path, output_dir: Path, preset: Preset, seed: int) -> Any | None:
-    """The callback measuring exact metrics on this seed's held-out prompts during training, or None when
-    the preset asks for no curve or the task cannot enumerate its valid answers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from filtered_rl.evaluation.runner import load_config_task
-    from filtered_rl.synthetic.console import quiet_libraries
-    from filtered_rl.synthetic.exact_curve import CURVE_FILE, ExactCurveCallback
-
-    if not (preset.exact and preset.curve_points > 0):
-        return None
-    enumerated = enumerated_answers(
-        load_config_task(_eval_config(base_model, base_model, output_dir, preset, seed))
-    )
-    if enumerated is None:
-        return None
-    with quiet_libraries():
-        tokenizer = AutoTokenizer.from_pretrained(base_model)
-        base = AutoModelForCausalLM.from_pretrained(base_model)
-    every = max(1, preset.steps // preset.curve_points)
-    return ExactCurveCallback(base, tokenizer, *enumerated, every, output_dir / CURVE_FILE)
-
-
-def evaluate_model(model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> dict:
-    """pass@k, diversity, coverage and KL(p*‖π) on the task's held-out prompts (resumable)."""
-    from filtered_rl.evaluation.runner import SUMMARY_FILE, run_eval
-
-    if (output_dir / SUMMARY_FILE).exists():
-        summary = json.loads((output_dir / SUMMARY_FILE).read_text())
-    else:
-        summary = run_eval(_eval_config(model, base_model, output_dir, preset, seed))
-    exact = exact_metrics(model, base_model, output_dir, preset, seed)
-    exact_train_metrics(model, base_model, output_dir, preset, seed)  # read by the study (study.md)
-    return {**summary, "exact": exact} if exact is not None else summary
-
-
-def _eval_config(model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> Any:
-    from filtered_rl.evaluation.runner import EvalConfig
-
-    return EvalConfig(
-        model=str(model),
-        output_dir=str(output_dir),
-        dataset=preset.task,
-        split="test",
-        num_prompts=preset.eval_prompts,
-        num_samples=preset.eval_samples,
-        temperature=1.0,
-        max_new_tokens=preset.max_completion_length,
-        seed=seed,
-        base_model=str(base_model),
-        progress=False,
-    )
-
-
-EXACT_FILE = "exact.json"
-EXACT_TRAIN_FILE = "exact_train.json"
-
-
-def exact_metrics(model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int) -> dict | None:
-    """Exact validity, pass@k (k = 1, eval_samples, 256), coverage@k and KL(p* ‖ π(·|valid)) on the held-out
-    prompts the sampled evaluation of this seed used, by teacher forcing over the task's enumerated valid
-    answers (None when the task cannot enumerate them). For a task with several spellings per answer
-    (countdown) these are lower bounds of the validity and pass@k; subset_sum has one spelling, so they are
-    exact. Saved (atomically), with the per-prompt values, as exact.json."""
-    from filtered_rl.evaluation.runner import load_config_task
-
-    if not preset.exact:
-        return None
-    task = load_config_task(_eval_config(model, base_model, output_dir, preset, seed))  # the sampled prompts
-    return _exact_file(model, base_model, task, output_dir / EXACT_FILE, preset)
-
-
-def exact_train_metrics(
-    model: Path, base_model: Path, output_dir: Path, preset: Preset, seed: int
-) -> dict | None:
-    """The same exact metrics on the first `exact_train_prompts` prompts the run trained on: where the
-    objectives' optima (p*, p_β) are defined, apart from how far the policy generalises. exact_train.json."""
-    if not (preset.exact and preset.exact_train_prompts):
-        return None
-    task = train_task(preset, seed)
-    task = replace(
-        task, dataset=task.dataset.select(range(min(preset.exact_train_prompts, len(task.dataset))))
-    )
-    return _exact_file(model, base_model, task, output_dir / EXACT_TRAIN_FILE, preset)
-
-
-_BASE_SCORES: dict[tuple[str, tuple[str, ...]], list[list[float]]] = {}
-
-
-def _exact_file(model: Path, base_model: Path, task: Any, path: Path, preset: Preset) -> dict | None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from filtered_rl.evaluation.exact import exact_evaluation
-    from filtered_rl.evaluation.outputs import atomic_write_text
-    from filtered_rl.synthetic.console import quiet_libraries
-
-    if path.exists():
-        return json.loads(path.read_text())
-    enumerated = enumerated_answers(task)
-    if enumerated is None:
-        return None
-    prompts, answers = enumerated
-    with quiet_libraries():  # no "Loading weights" bars
-        tokenizer = AutoTokenizer.from_pretrained(model)
-        policy = AutoModelForCausalLM.from_pretrained(model)
-        base = policy if Path(model) == Path(base_model) else AutoModelForCausalLM.from_pretrained(base_model)
-    ks = sorted({1, preset.eval_samples, 256})
-    key = (str(base_model), tuple(prompts))  # the base model's scores are the same for every arm of a seed
-    result = exact_evaluation(
-        policy,
-        base,
-        tokenizer,
-        prompts,
-        answers,
-        ks,
-        base_log_probs=_BASE_SCORES.get(key),
-    )
-    _BASE_SCORES[key] = result["base_log_probs"]
-    atomic_write_text(path, json.dumps({**result["summary"], "per_prompt": result["per_prompt"]}, indent=1))
-    return json.loads(path.read_text())  # keys as JSON writes them (k as strings), also on the first call
-
-
-def row_from_summary(name: str, seed: int, summary: dict, minutes: float | None = None) -> dict:
-    ks = sorted(int(k) for k in summary["pass_at_k"])
-    coverage = summary.get("coverage") or {}
-    kl = summary.get("kl_pstar_to_policy") or {}
-    return {
-        "run": name,
-        "seed": seed,
-        "validity": summary["validity"],
-        "pass@1": summary["pass_at_k"]["1"]["mean"],
-        f"pass@{ks[-1]}": summary["pass_at_k"][str(ks[-1])]["mean"],
-        "pass_at_k": {k: summary["pass_at_k"][str(k)]["mean"] for k in ks},
-        "distinct_valid": summary["diversity"]["distinct_valid_answers"],
-        "support_hit": coverage.get("fraction_of_valid_answers_hit"),
-        "pstar_mass_hit": coverage.get("pstar_mass_hit"),
-        "kl_pstar_policy": kl.get("mean") if isinstance(kl, dict) else kl,
-        **_exact_columns(summary.get("exact")),
-        "train_minutes": minutes,
-    }
-
-
-def _exact_columns(exact: dict | None) -> dict:
-    """The exact metrics a row reports: validity, pass@256, coverage@256, KL(p* ‖ π(·|valid))."""
-    if not exact:
-        return {}
-    return {
-        "exact_validity": exact["validity"],
-        "exact_pass@256": exact["pass_at_k"].get("256"),
-        "exact_coverage@256": exact["coverage_at_k"].get("256"),
-        "exact_kl_valid": exact["kl_pstar_policy_valid"],
-    }
+    return _prepare_rehearsal(spec, base_model, output_dir, preset, seed, prompts)
 
 
 def run_frontier(
@@ -602,7 +270,6 @@ def run_frontier(
     import torch
 
     from filtered_rl.synthetic.base_model import load_or_pretrain
-    from filtered_rl.synthetic.study import write_study
 
     if threads:
         torch.set_num_threads(threads)
@@ -614,42 +281,17 @@ def run_frontier(
     )
     rows = []
     for seed in seeds:
-        summary = evaluate_model(base, base, output_dir / "eval" / f"base-seed{seed}", preset, seed)
-        rows.append(row_from_summary("base model", seed, summary))
-        for spec in preset.runs:
-            run_dir = output_dir / "train" / f"{slug(spec.name)}-seed{seed}"
-            if report_only and not (run_dir / "final" / "train_minutes.json").exists():
-                continue
-            model = train_run(
-                prepare_rehearsal(spec, base, output_dir, preset, seed), base, run_dir, preset, seed
-            )
-            minutes = json.loads((model / "train_minutes.json").read_text())
-            summary = evaluate_model(
-                model, base, output_dir / "eval" / f"{slug(spec.name)}-seed{seed}", preset, seed
-            )
-            rows.append(row_from_summary(spec.name, seed, summary, minutes))
-            print(
-                f"done: {spec.name} (seed {seed}): pass@1 {rows[-1]['pass@1']:.3f}, "
-                f"distinct valid {rows[-1]['distinct_valid']:.2f}, {minutes:.1f} min of training",
-                flush=True,
-            )
-    (output_dir / "results.json").write_text(json.dumps({"preset": asdict(preset), "rows": rows}, indent=1))
-    table = format_table(aggregate(rows))
-    (output_dir / "results.md").write_text(table + "\n")
-    plot_frontier(rows, output_dir)
-    write_study(
-        output_dir,
-        [(spec.name, slug(spec.name), spec.family_name) for spec in preset.runs],
-        seeds,
-        reference=KL_GRPO,
-        compare=compare_names,
-    )
+        rows += run_seed(
+            preset, base, output_dir, seed, report_only=report_only,
+            prepare=lambda spec, s: prepare_rehearsal(spec, base, output_dir, preset, s),
+        )  # fmt: skip
+    write_results(preset, output_dir, rows, seeds, reference=KL_GRPO, compare=compare_names)
     return rows
 
 
 def compared_runs(preset: Preset, compare: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """`--compare` pairs as run names (the study's BASE for "base"); an arm outside the preset fails, naming it."""
-    from filtered_rl.synthetic.study import BASE
+    from filtered_rl.study.report import BASE
 
     names = {slug(spec.name) for spec in preset.runs}
     out = []
@@ -662,109 +304,6 @@ def compared_runs(preset: Preset, compare: list[tuple[str, str]]) -> list[tuple[
                 )
         out.append(tuple(BASE if arm == "base" else ARMS[arm].name for arm in pair))
     return out
-
-
-def aggregate(rows: list[dict]) -> list[dict]:
-    """Mean and spread (standard deviation over seeds) of every metric, per run name, in first-seen order."""
-    names = list(dict.fromkeys(r["run"] for r in rows))
-    out = []
-    for name in names:
-        group = [r for r in rows if r["run"] == name]
-        entry: dict[str, Any] = {"run": name, "seeds": len(group)}
-        for key, value in group[0].items():
-            if (
-                key in ("run", "seed", "pass_at_k")
-                or not isinstance(value, int | float)
-                and value is not None
-            ):
-                continue
-            values = [r[key] for r in group if r[key] is not None]
-            entry[key] = (float(np.mean(values)), float(np.std(values))) if values else None
-        out.append(entry)
-    return out
-
-
-def format_table(aggregated: list[dict]) -> str:
-    """Markdown table; a ± spread appears when there are several seeds."""
-    keys = [k for k in aggregated[0] if k not in ("run", "seeds", "train_minutes")]
-    lines = ["| run | seeds | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
-    for entry in aggregated:
-        cells = []
-        for key in keys:
-            value = entry.get(key)
-            if value is None:
-                cells.append("–")
-            else:
-                mean, std = value
-                cells.append(f"{mean:.3f}" + (f" ± {std:.3f}" if entry["seeds"] > 1 else ""))
-        lines.append(f"| {entry['run']} | {entry['seeds']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_frontier(rows: list[dict], output_dir: Path) -> tuple[Path, Path]:
-    """pass@k curves (mean over seeds); the coverage–precision plane (pass@1 vs pass@n per seed) and
-    pass@1 vs distinct valid answers (mean ± std over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(dict.fromkeys(r["run"] for r in rows))
-    colors = {name: plt.cm.tab10(i % 10) for i, name in enumerate(names)}
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    for name in names:
-        group = [r for r in rows if r["run"] == name]
-        ks = sorted(group[0]["pass_at_k"], key=int)
-        means = [np.mean([r["pass_at_k"][k] for r in group]) for k in ks]
-        style = dict(color="black", linestyle="--") if name == "base model" else dict(color=colors[name])
-        ax.plot([int(k) for k in ks], means, marker="o", markersize=3, label=name, **style)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (samples per prompt)")
-    ax.set_ylabel("pass@k (held-out prompts)")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    passk_path = output_dir / "passk.png"
-    fig.savefig(passk_path)
-    plt.close(fig)
-
-    # Left: the coverage–precision plane per seed. pass@n saturates when a task has many valid answers per
-    # prompt, so the right panel puts the number of distinct valid answers (mean ± std over seeds) beside it.
-    fig, (ax, ax_distinct) = plt.subplots(1, 2, figsize=(10, 4.2), dpi=120)
-    n_key = next(k for k in rows[0] if k.startswith("pass@") and k != "pass@1")
-    for name in names:
-        group = [r for r in rows if r["run"] == name]
-        base = name == "base model"
-        marker = (
-            dict(marker="*", s=160, color="black") if base else dict(marker="o", s=40, color=colors[name])
-        )
-        precision = [r["pass@1"] for r in group]
-        distinct = [r["distinct_valid"] for r in group]
-        ax.scatter(precision, [r[n_key] for r in group], label=name, **marker)
-        ax_distinct.errorbar(
-            np.mean(precision),
-            np.mean(distinct),
-            xerr=np.std(precision) if len(group) > 1 else None,
-            yerr=np.std(distinct) if len(group) > 1 else None,
-            fmt="*" if base else "o",
-            markersize=12 if base else 6,
-            color="black" if base else colors[name],
-            capsize=2,
-            label=name,
-        )
-    ax.set_xlabel("pass@1 (precision)")
-    ax.set_ylabel(f"{n_key} (coverage)")
-    ax_distinct.set_xlabel("pass@1 (precision)")
-    ax_distinct.set_ylabel(f"distinct valid answers per prompt (of {n_key[5:]} samples)")
-    for axis in (ax, ax_distinct):
-        axis.grid(alpha=0.3)
-    ax_distinct.legend(fontsize=7)
-    fig.tight_layout()
-    plane_path = output_dir / "frontier.png"
-    fig.savefig(plane_path)
-    plt.close(fig)
-    return passk_path, plane_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
