@@ -33,6 +33,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("filtered_rl.evaluation.plots", "plot pass@k curves from one or more summary files"),
     "toy": ("filtered_rl.synthetic.toy", "the exact enumerable toy: KL-control vs filtered objectives"),
     "frontier": ("filtered_rl.synthetic.frontier", "GRPO+KL vs filtered objectives on the base model"),
+    "study": (
+        "filtered_rl.study.cli",
+        "the side-by-side study on any model and task: arms from a YAML, frontiers, paired SEs",
+    ),
     "quickstart": (
         "filtered_rl.synthetic.quickstart",
         "pretrain, train GRPO+KL and the filtered objective, evaluate",

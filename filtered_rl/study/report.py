@@ -276,7 +276,14 @@ def points_table(
     ]
     base = next((p for p in points if p["run"] == BASE), None)
     for p in points:
-        cells = [f"{p[k]:.3f} ± {p[f'{k}_se']:.3f}" for k in keys]
+        cells = [
+            "–"
+            if np.isnan(p[k])
+            else f"{p[k]:.3f} ± {p[f'{k}_se']:.3f}"
+            if np.isfinite(p[f"{k}_se"])
+            else f"{p[k]:.3f}"
+            for k in keys
+        ]
         if gain and base is not None:
             paired = means[p["run"]]["pass@1"] - means[BASE]["pass@1"]
             cells.append(
