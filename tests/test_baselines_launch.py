@@ -23,6 +23,12 @@ ALGORITHMS = [
     "rft",
     "raft",
     "reinforce_rej",
+    "nsr",
+    "f_grpo",
+    "rs_grpo",
+    "pkpo",
+    "clip_cov",
+    "kl_cov",
 ]
 STORED_SAMPLES = ("dph", "rft")  # read the offline set (the fixture's keeps every verified sample: rft's too)
 
@@ -71,8 +77,8 @@ def test_two_process_cpu_run_trains(algorithm: str, nano_model_dir: Path, tmp_pa
     logs = [entry for entry in state["log_history"] if "loss" in entry]
     assert [entry["step"] for entry in logs] == [1, 2]
     prefix = {"tilted": "filtered"}.get(algorithm, algorithm)  # tilted is FilteredGRPOTrainer
-    # raft/reinforce_rej's recipe sections generate once per 4 optimizer steps (the authors' ratio and clip)
-    generated = logs[:1] if algorithm in ("raft", "reinforce_rej") else logs
+    # raft/reinforce_rej/nsr/kl_cov's recipe sections generate once per 4 optimizer steps (ratio and clip act)
+    generated = logs[:1] if algorithm in ("raft", "reinforce_rej", "nsr", "kl_cov") else logs
     assert all(f"{prefix}/validity" in entry for entry in generated)
     if algorithm == "dph":
         assert all(entry["dph/rehearsal_loss"] >= 0 for entry in logs)

@@ -48,7 +48,9 @@ def nsr_advantages(
 
     `scored` (N,) bool: False where no reward function scored the completion; those get 0.
     """
-    advantages = torch.where(valid > 0.5, float(positive_weight), -1.0).to(valid.dtype)
+    advantages = torch.where(
+        valid > 0.5, torch.full_like(valid, float(positive_weight)), torch.full_like(valid, -1.0)
+    )
     if scored is not None:
         advantages = torch.where(scored.to(advantages.device), advantages, torch.zeros_like(advantages))
     return advantages

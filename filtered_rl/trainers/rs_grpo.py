@@ -40,7 +40,7 @@ def rs_grpo_advantages(reward: torch.Tensor, group_size: int, beta: float = 2.0)
     scored = ~torch.isnan(grouped)
     scaled = torch.where(scored, beta * grouped, torch.full_like(grouped, -math.inf))
     counts = scored.sum(dim=1, keepdim=True)
-    log_mean = torch.logsumexp(scaled, dim=1, keepdim=True) - counts.clamp(min=1).log()
+    log_mean = torch.logsumexp(scaled, dim=1, keepdim=True) - counts.clamp(min=1).to(torch.float64).log()
     advantages = torch.expm1(scaled - log_mean) / beta
     keep = scored & (counts > 1)
     return torch.where(keep, advantages, torch.zeros_like(advantages)).reshape(-1).to(reward.dtype)
