@@ -14,6 +14,13 @@ log π(y|x) and log a(y|x) of each valid y (a = the base model):
 
 Only strings that are enumerated count: a valid string the enumeration misses (another spelling of an
 answer) is mass this misses. `enumeration_residual` compares μ_x with the sampled validity to measure it.
+
+Prompts are what the sampler conditions on: plain text, or chat messages rendered with the tokenizer's
+chat template (`filtered_rl.data.render_prompt`, as `load_task(..., conversational=True)` builds them),
+tokenized as the evaluation runner does. Each answer is scored in the one tokenization the tokenizer gives
+it alone, then EOS: with a BPE tokenizer a model could write the same string in other token sequences too,
+which this does not count (a model trained on tokenized answers puts almost no mass there; the sampled
+check in tests/test_exact_real_model.py measures it on SmolLM2).
 """
 
 from __future__ import annotations
@@ -93,6 +100,23 @@ def enumeration_residual(
     return {"residual": sampled_validity - exact_validity, "standard_error": se}
 
 
+def prompt_token_ids(tokenizer: Any, prompt: str | list[dict[str, str]]) -> list[int]:
+    """The prompt's token ids as the sampler sees them: chat messages through the chat template (whose
+    text carries its own special tokens), plain text with the tokenizer's special tokens (as the
+    evaluation runner tokenizes it)."""
+    from filtered_rl.data import render_prompt
+
+    return tokenizer(render_prompt(prompt, tokenizer), add_special_tokens=isinstance(prompt, str))[
+        "input_ids"
+    ]
+
+
+# Models with at least this many parameters score each prompt's answers with the prompt encoded once
+# (`shared_prompt_logprobs`); smaller ones (the nano bases) keep the one-pass scoring their published
+# figures were computed with. The two agree up to floating-point rounding.
+SHARED_PROMPT_MIN_PARAMETERS = 10_000_000
+
+
 def completion_token_ids(tokenizer: Any, answers: Sequence[str]) -> list[list[int]]:
     """Token ids of each answer as the model writes it: the text, then EOS (how completions end)."""
     return [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
@@ -107,36 +131,56 @@ def exact_evaluation(
     ks: Sequence[int],
     batch_size: int = 256,
     base_log_probs: list[list[float]] | None = None,
+    shared_prompt: bool | None = None,
 ) -> dict[str, Any]:
-    """Exact metrics of `model` on rendered `prompts`, each with its enumerated valid answers.
+    """Exact metrics of `model` on `prompts` (plain text or chat messages), each with its enumerated valid
+    answers.
 
     `base_log_probs` (per prompt, per answer in `sorted(answers)` order) may be passed to reuse the base
     model's scores across runs (they do not change with the policy); they are returned under "base_log_probs".
+    `shared_prompt`: encode each prompt once for all its answers (`shared_prompt_logprobs`); None: when the
+    model has at least `SHARED_PROMPT_MIN_PARAMETERS` parameters.
     """
     import torch
 
     with torch.inference_mode():
         return _exact_evaluation(
-            model, base_model, tokenizer, prompts, valid_answers, ks, batch_size, base_log_probs
+            model,
+            base_model,
+            tokenizer,
+            prompts,
+            valid_answers,
+            ks,
+            batch_size,
+            base_log_probs,
+            shared_prompt,
         )
 
 
-def _exact_evaluation(model, base_model, tokenizer, prompts, valid_answers, ks, batch_size, base_log_probs):
-    from filtered_rl.evaluation.generate import sequence_logprobs
+def _exact_evaluation(
+    model, base_model, tokenizer, prompts, valid_answers, ks, batch_size, base_log_probs, shared_prompt
+):
+    from filtered_rl.evaluation.generate import sequence_logprobs, shared_prompt_logprobs
 
-    flat_prompts: list[list[int]] = []
-    flat_answers: list[list[int]] = []
-    for prompt, answers in zip(prompts, valid_answers, strict=True):
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        for ids in completion_token_ids(tokenizer, sorted(answers)):
-            flat_prompts.append(prompt_ids)
-            flat_answers.append(ids)
-    log_pi = sequence_logprobs(model, tokenizer, flat_prompts, flat_answers, batch_size=batch_size)
+    if shared_prompt is None:
+        shared_prompt = sum(p.numel() for p in model.parameters()) >= SHARED_PROMPT_MIN_PARAMETERS
+    prompt_ids = [prompt_token_ids(tokenizer, prompt) for prompt in prompts]
+    answer_ids = [completion_token_ids(tokenizer, sorted(answers)) for answers in valid_answers]
+    if len(prompt_ids) != len(answer_ids):
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(answer_ids)} lists of valid answers")
+    flat_prompts = [ids for ids, answers in zip(prompt_ids, answer_ids) for _ in answers]
+    flat_answers = [ids for answers in answer_ids for ids in answers]
+
+    def score(scorer: Any) -> list[float]:
+        if shared_prompt:
+            grouped = shared_prompt_logprobs(scorer, tokenizer, prompt_ids, answer_ids, batch_size=batch_size)
+            return [value for group in grouped for value in group]
+        return sequence_logprobs(scorer, tokenizer, flat_prompts, flat_answers, batch_size=batch_size)
+
+    log_pi = score(model)
     if base_log_probs is None:
         flat_base = (  # the base model scored as the policy (step 0, the base's own evaluation): one pass
-            log_pi
-            if base_model is model
-            else sequence_logprobs(base_model, tokenizer, flat_prompts, flat_answers, batch_size=batch_size)
+            log_pi if base_model is model else score(base_model)
         )
         base_log_probs, start = [], 0
         for answers in valid_answers:
