@@ -56,6 +56,13 @@ SIZES: dict[str, dict[str, int]] = {
         num_attention_heads=4,
         num_key_value_heads=2,
     ),  # 0.26 M parameters
+    "micro": dict(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    ),  # 1.02 M parameters: nano twice as wide, the capacity check (docs/results.md §4f); ~2x nano's step time on CPU
     "small": dict(
         hidden_size=512,
         intermediate_size=1536,
@@ -157,6 +164,7 @@ class PretrainConfig:
 # Per-size defaults that differ from the dataclass defaults (a GPU affords a longer run).
 SIZE_DEFAULTS: dict[str, dict[str, Any]] = {
     "nano": {},
+    "micro": {},  # nano's pretraining recipe unchanged, so that only the capacity differs
     "small": dict(steps=4000, batch_size=128, learning_rate=1e-3, warmup_steps=200),
 }
 

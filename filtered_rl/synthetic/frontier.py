@@ -171,6 +171,16 @@ COUNTDOWN_HARD_LONG_ARMS = (
     "filtered forward KL + p* samples",
 )
 
+# The capacity check (docs/results.md §4f): the plateau arms and the representability check on one size, run at
+# nano and at a larger size (`--size micro`) with everything else the same. The exact curve shows whether an arm
+# has plateaued. 500 steps, not §4c's 1,200, so that both sizes fit a shared 2-core CPU in about an hour.
+COUNTDOWN_HARD_CAPACITY_ARMS = (
+    "p* distilled",
+    "filtered forward KL + p* samples",
+    "grpo β=0.2",
+    "grpo β=0",
+)
+
 _CPU = Preset(
     "nano",
     SWEEP,
@@ -201,6 +211,11 @@ PRESETS: dict[str, Preset] = {
     "countdown-hard-long": replace(_CPU, runs=tuple(a for a in STUDY_ARMS if a.name in COUNTDOWN_HARD_LONG_ARMS),
                                    task="countdown_hard", max_completion_length=32, base_steps=2400, steps=1200,
                                    curve_points=12),
+    # Does the filtered plateau rise with capacity? The same arms at each size: `--size nano`, `--size micro`.
+    "countdown-hard-capacity": replace(_CPU, runs=tuple(next(a for a in STUDY_ARMS if a.name == name)
+                                                        for name in COUNTDOWN_HARD_CAPACITY_ARMS),
+                                       task="countdown_hard", max_completion_length=32, base_steps=2400, steps=500,
+                                       curve_points=5),
     "gpu": Preset("small", SWEEP, steps=200, train_prompts=20000, num_generations=16, batch_size=256,
                   learning_rate=5e-5, eval_prompts=200, eval_samples=64, max_completion_length=32),
 }  # fmt: skip
@@ -234,6 +249,18 @@ def select_task(preset: Preset, task: str | None) -> Preset:
     return replace(preset, task=task, max_completion_length=length)
 
 
+def select_size(preset: Preset, size: str | None) -> Preset:
+    """The preset on another size of the task's base model (None keeps its own), pretrained with that size's
+    recipe for the preset's `base_steps`; an unknown size lists the known ones."""
+    if size is None:
+        return preset
+    from filtered_rl.synthetic.base_model import SIZES
+
+    if size not in SIZES:
+        raise ValueError(f"--size {size}: unknown; choose from {', '.join(sorted(SIZES))}")
+    return replace(preset, base_size=size)
+
+
 def prepare_rehearsal(
     spec: RunSpec, base_model: Path, output_dir: Path, preset: Preset, seed: int
 ) -> RunSpec:
@@ -256,6 +283,7 @@ def run_frontier(
     task: str | None = None,
     report_only: bool = False,
     compare: list[tuple[str, str]] = (),
+    size: str | None = None,
 ) -> list[dict]:
     """Pretrain (cached) the base model, train every run for every seed, evaluate all; write results.
 
@@ -264,7 +292,8 @@ def run_frontier(
 
     `preset` is a name in PRESETS or a Preset; `base_model` overrides the preset's pretrained base; `arms`
     (names in ARMS) replaces the preset's runs, keeping its sizes; `task` (a registered synthetic task)
-    replaces the preset's task, with completions long enough for it. `compare` lists (A, B) pairs of
+    replaces the preset's task, with completions long enough for it; `size` (a name in
+    `filtered_rl.synthetic.base_model.SIZES`) the size of its base model. `compare` lists (A, B) pairs of
     names in ARMS (or "base") whose paired differences `study.md` tables; both must be runs of the preset.
     """
     import torch
@@ -274,6 +303,7 @@ def run_frontier(
     if threads:
         torch.set_num_threads(threads)
     preset = select_task(select_arms(PRESETS[preset] if isinstance(preset, str) else preset, arms), task)
+    preset = select_size(preset, size)
     compare_names = compared_runs(preset, compare)  # before anything is trained or loaded
     output_dir.mkdir(parents=True, exist_ok=True)
     base = base_model or load_or_pretrain(
@@ -326,6 +356,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--task",
         default=None,
         help="synthetic task of the base model and prompts (default: the preset's, countdown)",
+    )
+    from filtered_rl.synthetic.base_model import SIZES
+
+    parser.add_argument(
+        "--size",
+        default=None,
+        choices=sorted(SIZES),
+        help="size of the task's base model (a filtered-rl pretrain --size: nano, micro, small; default: the "
+        "preset's, nano), pretrained with that size's recipe for the preset's steps and cached",
     )
     parser.add_argument(
         "--base-model",
@@ -390,6 +429,7 @@ def run(args: argparse.Namespace) -> int:
         base_model=getattr(args, "base_model", None),
         report_only=getattr(args, "report_only", False),
         compare=getattr(args, "compare", []),
+        size=getattr(args, "size", None),
     )
     print(format_table(aggregate(rows)))
     print(
