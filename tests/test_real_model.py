@@ -154,7 +154,8 @@ def test_log_pi_old_recorded_during_generate_equals_a_teacher_forced_forward_wit
     recorded during TRL's generate (left-padded ChatML prompts, completions ending at <|im_end|>) equals
     a teacher-forced forward of the same adapted policy, sequence by sequence, within 2e-3 nats per
     sequence (fp32; the KV-cached and the full pass add up in different orders over ≤ 32 tokens; measured
-    gap 5e-5). Measured 68 s at a load average of 4 on 2 cores (8 completions a step; now 4)."""
+    gap 4.6e-5). Measured 68 s at a load average of 4 on 2 cores with 8 completions a step, 414 s at a
+    load average of 10 with the 4 of now: this machine's load, not the test, sets the time."""
     import torch
     from peft import LoraConfig
 
