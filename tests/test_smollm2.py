@@ -146,3 +146,24 @@ def test_generation_stops_at_im_end_with_left_padding(smollm2_model_dir):
         assert 2 in row, "generation did not stop at <|im_end|>"
         assert all(token == 0 for token in row[row.index(2) + 1 :])  # only padding after the eos
     assert "12" in tokenizer.decode(completions[0], skip_special_tokens=True)
+
+
+def test_a_conversion_that_fails_leaves_nothing_to_be_found(tmp_path, monkeypatch):
+    """Atomic: the model is written to a sibling temp directory and renamed into place only when whole; a
+    write that fails half-way leaves neither the model directory nor the temp one (~5 s: imports torch)."""
+
+    class HalfWritten:
+        def parameters(self):
+            return []
+
+        def save_pretrained(self, directory):
+            (directory / "model.safetensors").write_text("half")
+            raise OSError("disk full")
+
+    monkeypatch.setattr(smollm2_module, "gguf_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr(smollm2_module, "_load_dequantised", lambda source: HalfWritten())
+    monkeypatch.setattr(smollm2_module, "build_tokenizer", lambda source: None)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.1.2")
+    with pytest.raises(OSError, match="disk full"):
+        resolve_model("filtered-rl:smollm2-135m", cache_dir=tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir() if not p.name.endswith(".lock")] == []
