@@ -29,6 +29,7 @@ ALGORITHMS = [
     "pkpo",
     "clip_cov",
     "kl_cov",
+    "sage",
 ]
 STORED_SAMPLES = ("dph", "rft")  # read the offline set (the fixture's keeps every verified sample: rft's too)
 
