@@ -48,11 +48,13 @@ def test_micro_pretrains_a_few_steps_and_generates(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("size", ["nano", "micro"])
-def test_capacity_preset_is_a_valid_study_at_each_size(size: str) -> None:
+@pytest.mark.parametrize("name", ["countdown-hard-capacity", "countdown-hard-capacity-long"])
+def test_capacity_preset_is_a_valid_study_at_each_size(name: str, size: str) -> None:
     from filtered_rl.study.cli import check_arms
     from filtered_rl.synthetic.frontier import PRESETS, select_size
 
-    preset = select_size(PRESETS["countdown-hard-capacity"], size)
+    preset = select_size(PRESETS[name], size)
+    assert preset.steps == {"countdown-hard-capacity": 300, "countdown-hard-capacity-long": 1200}[name]
     assert preset.base_size == size and preset.task == "countdown_hard" and preset.base_steps == 2400
     # the plateau experiment's arms (§4c) and the representability check (§4d), the same at every size
     assert [spec.algorithm for spec in preset.runs] == ["pstar_distill", "filtered_pstar", "grpo", "grpo"]

@@ -173,7 +173,8 @@ COUNTDOWN_HARD_LONG_ARMS = (
 
 # The capacity check (docs/results.md §4f): the plateau arms and the representability check on one size, run at
 # nano and at a larger size (`--size micro`) with everything else the same. The exact curve shows whether an arm
-# has plateaued. 500 steps, not §4c's 1,200, so that both sizes fit a shared 2-core CPU in about an hour.
+# has plateaued. 300 steps (§4a's budget), not §4c's 1,200, so that both sizes fit a shared 2-core CPU in about an
+# hour; at nano the RL arms are then the countdown-hard-cpu preset's, run for run.
 COUNTDOWN_HARD_CAPACITY_ARMS = (
     "p* distilled",
     "filtered forward KL + p* samples",
@@ -214,8 +215,13 @@ PRESETS: dict[str, Preset] = {
     # Does the filtered plateau rise with capacity? The same arms at each size: `--size nano`, `--size micro`.
     "countdown-hard-capacity": replace(_CPU, runs=tuple(next(a for a in STUDY_ARMS if a.name == name)
                                                         for name in COUNTDOWN_HARD_CAPACITY_ARMS),
-                                       task="countdown_hard", max_completion_length=32, base_steps=2400, steps=500,
+                                       task="countdown_hard", max_completion_length=32, base_steps=2400, steps=300,
                                        curve_points=5),
+    # The same to §4c's 1,200 steps, where the nano filtered arms had plateaued (run here: the p*-samples arm).
+    "countdown-hard-capacity-long": replace(_CPU, runs=tuple(next(a for a in STUDY_ARMS if a.name == name)
+                                                             for name in COUNTDOWN_HARD_CAPACITY_ARMS),
+                                            task="countdown_hard", max_completion_length=32, base_steps=2400,
+                                            steps=1200, curve_points=6),
     "gpu": Preset("small", SWEEP, steps=200, train_prompts=20000, num_generations=16, batch_size=256,
                   learning_rate=5e-5, eval_prompts=200, eval_samples=64, max_completion_length=32),
 }  # fmt: skip
