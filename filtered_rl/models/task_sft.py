@@ -106,7 +106,7 @@ class TaskSFTConfig:
 
 
 # SmolLM2-135M-Instruct tuned on countdown_hard (`filtered-rl:smollm2-135m-countdown`): 40 steps of 16,
-# the last 8 of 30 decoder layers trained; measured in docs/results.md §4f.
+# the last 8 of 30 decoder layers trained; measured in docs/results.md §5.
 SMOLLM2_COUNTDOWN = TaskSFTConfig()
 
 
@@ -118,7 +118,7 @@ def load_or_finetune(
     progress: bool = True,
 ) -> Path:
     """The fine-tuned model's directory in the cache, fine-tuning it first if it is not there yet."""
-    from filtered_rl.synthetic.base_model import MODEL_MARKER, _file_lock, default_cache_dir
+    from filtered_rl.model_dir import MODEL_MARKER, _file_lock, default_cache_dir
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / config.cache_key()
