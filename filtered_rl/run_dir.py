@@ -1,6 +1,6 @@
 """Output directories of `filtered-rl train` and `filtered-rl eval`: never touch what the project did not write.
 
-The mechanism is `filtered-rl pretrain`'s (`filtered_rl.synthetic.base_model`): a directory of ours
+The mechanism is `filtered-rl pretrain`'s (`filtered_rl.model_dir`): a directory of ours
 holds the marker file `MODEL_MARKER` (``filtered_rl_model.json``) listing, under ``"files"``, the entries
 the project wrote there; any other entry is the user's ("foreign").
 
@@ -31,7 +31,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from filtered_rl.synthetic.base_model import MODEL_MARKER, OutputDirError, _our_files
+from filtered_rl.model_dir import MODEL_MARKER, OutputDirError, _our_files
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 FINAL_STAGING = ".filtered-rl-final.tmp"

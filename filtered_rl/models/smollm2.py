@@ -90,7 +90,7 @@ def gguf_path() -> Path:
 
 def load_or_convert(cache_dir: str | os.PathLike | None = None, *, threads: int | None = None) -> Path:
     """The converted model's directory in the cache, converting it first if it is not there yet."""
-    from filtered_rl.synthetic.base_model import MODEL_MARKER, _file_lock, default_cache_dir
+    from filtered_rl.model_dir import MODEL_MARKER, _file_lock, default_cache_dir
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = root / CACHE_NAME
@@ -111,7 +111,7 @@ def convert(output_dir: str | os.PathLike, *, source: Path | None = None, thread
     atomically."""
     import torch
 
-    from filtered_rl.synthetic.base_model import _install
+    from filtered_rl.model_dir import _install
 
     source = source or gguf_path()
     if threads:

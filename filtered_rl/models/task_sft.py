@@ -105,19 +105,25 @@ class TaskSFTConfig:
         )
 
 
-# SmolLM2-135M-Instruct tuned on countdown_hard (`filtered-rl:smollm2-135m-countdown`): 40 steps of 16,
-# the last 8 of 30 decoder layers trained; measured in docs/results.md §5.
-SMOLLM2_COUNTDOWN = TaskSFTConfig()
+def __getattr__(name: str) -> Any:
+    """`SMOLLM2_COUNTDOWN`, SmolLM2-135M-Instruct tuned on countdown_hard (`filtered-rl:smollm2-135m-countdown`):
+    40 steps of 16, the last 8 of 30 decoder layers trained; measured in docs/results.md §5. Made on first
+    use: building the config resolves the synthetic task, which importing the product must not load."""
+    if name == "SMOLLM2_COUNTDOWN":
+        return TaskSFTConfig()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def load_or_finetune(
-    config: TaskSFTConfig = SMOLLM2_COUNTDOWN,
+    config: TaskSFTConfig | None = None,
     cache_dir: str | os.PathLike | None = None,
     *,
     threads: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """The fine-tuned model's directory in the cache, fine-tuning it first if it is not there yet."""
+    """The fine-tuned model's directory in the cache, fine-tuning it first if it is not there yet
+    (`config` None: `SMOLLM2_COUNTDOWN`)."""
+    config = config or TaskSFTConfig()
     from filtered_rl.model_dir import MODEL_MARKER, _file_lock, default_cache_dir
 
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
@@ -291,7 +297,7 @@ def _finetune(config: TaskSFTConfig, output_dir: Path, cache_dir: Any, progress:
 
 def exact_base_report(
     model_dir: str | os.PathLike,
-    config: TaskSFTConfig = SMOLLM2_COUNTDOWN,
+    config: TaskSFTConfig | None = None,
     *,
     split: str = "test",
     num_prompts: int = 48,
@@ -300,6 +306,7 @@ def exact_base_report(
 ) -> dict[str, Any]:
     """Exact validity A(x), its quantiles over prompts, pass@k and coverage@k (the model as its own base) on
     the first `num_prompts` prompts of `split`, rendered as the model was tuned on them."""
+    config = config or TaskSFTConfig()
     import numpy as np
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -329,7 +336,7 @@ def exact_base_report(
 
 
 def add_arguments(parser: Any) -> None:
-    defaults = SMOLLM2_COUNTDOWN
+    defaults = TaskSFTConfig()
     parser.add_argument(
         "--model", default=defaults.model, help=f"model to fine-tune (default: {defaults.model})"
     )
