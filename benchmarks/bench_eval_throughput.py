@@ -12,11 +12,24 @@ all weights once plus the KV cache of every live row, so tokens/s ≤ rows · ba
 
     python benchmarks/bench_eval_throughput.py                # pretrained nano model (cached), CPU
     python benchmarks/bench_eval_throughput.py --model PATH --prompts 32 --samples 64
+    python benchmarks/bench_eval_throughput.py --model filtered-rl:smollm2-135m --prompts 8 --samples 16 \
+        --max-new-tokens 32 --threads 2 --rounds 2       # a named model, as `filtered-rl train/eval` take
+
+On a CPU it prints a compute floor instead of the roofline: the time of the model's linear layers alone
+(every `nn.Linear`, the LM head included, one matmul each) for as many rows as the sampler decodes per
+step, measured in the same rounds; the sampler's tokens/s as a fraction of that floor says how much of
+its time is matrix multiplication and how much anything else (attention, norms, the KV cache, sampling,
+Python). `--profile` adds torch.profiler's table of one sampler batch (self CPU time per op).
+
+With `--rounds N` the three contestants run in turn N times (sampler, loop, generate, sampler, ...), so a
+change in the machine's load hits all of them; the ratios are of the summed tokens and seconds, and each
+round's ratios are printed too. The load average is printed before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -39,7 +52,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default=None, help="model directory (default: the pretrained nano model)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="model directory, hub name or `filtered-rl:<name>` (default: the pretrained nano model)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="alternating rounds of the three contestants")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler table of one sampler batch")
+    parser.add_argument(
+        "--compare-cache",
+        action="store_true",
+        help="also run the sampler with transformers' DynamicCache (the sampler's cache before issue #23)",
+    )
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--samples", type=int, default=32, help="samples per prompt for the batched sampler")
     parser.add_argument("--baseline-samples", type=int, default=4, help="samples per prompt for the loop")
@@ -60,10 +84,15 @@ def main() -> None:
     from filtered_rl.synthetic.countdown import make_countdown_dataset
 
     torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     if args.model is None:
         from filtered_rl.synthetic.base_model import load_or_pretrain
 
         args.model = str(load_or_pretrain("nano", seed=0))
+    else:
+        from filtered_rl.models import resolve_model
+
+        args.model = resolve_model(args.model)  # `filtered-rl:smollm2-135m` → its cached directory
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -71,6 +100,7 @@ def main() -> None:
     rows = make_countdown_dataset(0, args.prompts, seed=1)["test"]
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in rows["prompt"]]
     seeds = [prompt_seed(pid) for pid in rows["prompt_id"]]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def sync() -> None:
         if device.type == "cuda":
@@ -80,22 +110,63 @@ def main() -> None:
     sampler = HFSampler(model, tokenizer, temperature=1.0, max_new_tokens=args.max_new_tokens, seed=0)
     sampler.sample(encoded[:1], seeds[:1], range(2))  # warm-up
     sync()
-    start, tokens, steps, rows_tokens = time.perf_counter(), 0, 0, 0
-    for positions, sample_range in plan_batches([len(e) for e in encoded], args.samples, args.batch_size):
-        groups = sampler.sample([encoded[i] for i in positions], [seeds[i] for i in positions], sample_range)
-        lengths = [s.num_tokens for g in groups for s in g]
-        tokens += sum(lengths)
-        steps += max(lengths)
-        rows_tokens += sum(len(encoded[i]) * len(sample_range) for i in positions)
-    sync()
-    batched_s = time.perf_counter() - start
-    batched_rate = tokens / batched_s
+    shape = {"steps": 0, "rows_tokens": 0, "tokens": 0}
 
-    # Per-request loop: one generate call per sample.
-    start, loop_tokens = time.perf_counter(), 0
-    for ids in encoded:
-        input_ids = torch.tensor([ids], device=device)
-        for _ in range(args.baseline_samples):
+    dynamic_sampler = HFSampler(
+        model,
+        tokenizer,
+        temperature=1.0,
+        max_new_tokens=args.max_new_tokens,
+        seed=0,
+        preallocate_cache=False,
+    )
+
+    def batched_dynamic() -> int:  # the same samples, through transformers' DynamicCache
+        tokens = 0
+        for positions, sample_range in plan_batches([len(e) for e in encoded], args.samples, args.batch_size):
+            groups = dynamic_sampler.sample(
+                [encoded[i] for i in positions], [seeds[i] for i in positions], sample_range
+            )
+            tokens += sum(s.num_tokens for g in groups for s in g)
+        return tokens
+
+    def batched() -> int:
+        tokens, shape["steps"], shape["rows_tokens"] = 0, 0, 0
+        for positions, sample_range in plan_batches([len(e) for e in encoded], args.samples, args.batch_size):
+            groups = sampler.sample(
+                [encoded[i] for i in positions], [seeds[i] for i in positions], sample_range
+            )
+            lengths = [s.num_tokens for g in groups for s in g]
+            tokens += sum(lengths)
+            shape["steps"] += max(lengths)
+            shape["rows_tokens"] += sum(len(encoded[i]) * len(sample_range) for i in positions)
+        shape["tokens"] = tokens
+        return tokens
+
+    def loop() -> int:  # per-request loop: one generate call per sample
+        loop_tokens = 0
+        for ids in encoded:
+            input_ids = torch.tensor([ids], device=device)
+            for _ in range(args.baseline_samples):
+                out = model.generate(
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    do_sample=True,
+                    temperature=1.0,
+                    top_p=1.0,
+                    top_k=0,
+                    max_new_tokens=args.max_new_tokens,
+                    pad_token_id=pad_id,
+                )
+                completion = out[0, input_ids.shape[1] :]
+                # a single row stops at its first EOS (included): no padding to discount
+                loop_tokens += len(completion)
+        return loop_tokens
+
+    def hf_generate() -> int:  # HF generate with num_return_sequences (batched per prompt)
+        hf_tokens = 0
+        for ids in encoded:
+            input_ids = torch.tensor([ids], device=device)
             out = model.generate(
                 input_ids,
                 attention_mask=torch.ones_like(input_ids),
@@ -104,40 +175,56 @@ def main() -> None:
                 top_p=1.0,
                 top_k=0,
                 max_new_tokens=args.max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
+                num_return_sequences=args.samples,
+                pad_token_id=pad_id,
             )
-            loop_tokens += out.shape[1] - input_ids.shape[1]
-    sync()
-    loop_s = time.perf_counter() - start
-    loop_rate = loop_tokens / loop_s
+            completion = out[:, input_ids.shape[1] :]
+            # count up to and including the first EOS (the rest is padding)
+            eos = torch.tensor(sampler.eos_ids, device=device)
+            is_eos = torch.isin(completion, eos)
+            ended = is_eos.int().cumsum(-1)
+            hf_tokens += int(((ended == 0) | ((ended == 1) & is_eos)).sum())
+        return hf_tokens
 
-    # Reference point: HF generate with num_return_sequences (batched per prompt, not reproducible per sample).
-    start, hf_tokens = time.perf_counter(), 0
-    for ids in encoded:
-        input_ids = torch.tensor([ids], device=device)
-        out = model.generate(
-            input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            max_new_tokens=args.max_new_tokens,
-            num_return_sequences=args.samples,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        completion = out[:, input_ids.shape[1] :]
-        # count up to and including the first EOS (the rest is padding)
-        ended = (completion == tokenizer.eos_token_id).int().cumsum(-1)
-        hf_tokens += int(((ended == 0) | ((ended == 1) & (completion == tokenizer.eos_token_id))).sum())
-    sync()
-    hf_s = time.perf_counter() - start
-    hf_rate = hf_tokens / hf_s
+    linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+    def matmul_floor() -> int:  # the linear layers alone, for the sampler's mean live rows, as many steps
+        rows = max(1, round(shape["tokens"] / max(1, shape["steps"])))
+        inputs = {w.shape[1]: torch.randn(rows, w.shape[1], device=device, dtype=dtype) for w in linears}
+        with torch.inference_mode():
+            for _ in range(shape["steps"]):
+                for w in linears:
+                    torch.nn.functional.linear(inputs[w.shape[1]], w)
+        return rows * shape["steps"]
+
+    contestants = {"batched": batched, "loop": loop, "generate": hf_generate}
+    if args.compare_cache:
+        contestants["dynamic"] = batched_dynamic
+    if device.type == "cpu":
+        contestants["floor"] = matmul_floor
+    totals = {name: [0, 0.0] for name in contestants}  # tokens, seconds
+    per_round = []
+    for _ in range(args.rounds):
+        rates = {}
+        for name, run in contestants.items():
+            sync()
+            start = time.perf_counter()
+            count = run()
+            sync()
+            seconds = time.perf_counter() - start
+            totals[name][0] += count
+            totals[name][1] += seconds
+            rates[name] = count / seconds
+        per_round.append(rates)
+    (tokens, batched_s), (loop_tokens, loop_s), (hf_tokens, hf_s) = list(totals.values())[:3]
+    batched_rate, loop_rate, hf_rate = tokens / batched_s, loop_tokens / loop_s, hf_tokens / hf_s
+    steps, rows_tokens = shape["steps"], shape["rows_tokens"]  # of the last round's batched run
 
     params = sum(p.numel() for p in model.parameters())
     print(
         f"model: {args.model} ({params / 1e6:.2f} M parameters, {dtype}), device: {device}"
-        f"{'' if device.type == 'cuda' else f', {args.threads} CPU thread(s)'}"
+        f"{'' if device.type == 'cuda' else f', {args.threads} CPU thread(s)'}; {args.rounds} round(s); "
+        f"torch {torch.__version__}"
     )
     print(
         f"batched sampler : {tokens:6d} tokens in {batched_s:7.2f} s = {batched_rate:9.1f} tokens/s "
@@ -154,6 +241,43 @@ def main() -> None:
     print(
         f"speed-up (tokens/s ratio): {batched_rate / loop_rate:.1f}x vs the per-request loop, "
         f"{batched_rate / hf_rate:.2f}x vs generate(num_return_sequences)"
+    )
+    for i, rates in enumerate(per_round, 1):
+        floor = f", {rates['batched'] / rates['floor']:.1%} of the matmul floor" if "floor" in rates else ""
+        if "dynamic" in rates:
+            floor += f"; preallocated / dynamic cache {rates['batched'] / rates['dynamic']:.2f}x"
+        print(
+            f"  round {i}: {rates['batched']:.1f} / {rates['loop']:.1f} / {rates['generate']:.1f} tokens/s: "
+            f"{rates['batched'] / rates['loop']:.1f}x loop, {rates['batched'] / rates['generate']:.2f}x generate{floor}"
+        )
+    if "dynamic" in totals:
+        dynamic_tokens, dynamic_s = totals["dynamic"]
+        print(
+            f"sampler with transformers' DynamicCache: {dynamic_tokens:6d} tokens in {dynamic_s:7.2f} s = "
+            f"{dynamic_tokens / dynamic_s:9.1f} tokens/s; the preallocated cache is "
+            f"{batched_rate / (dynamic_tokens / dynamic_s):.2f}x"
+        )
+    if "floor" in totals:
+        floor_tokens, floor_s = totals["floor"]
+        print(
+            f"CPU compute floor: the {len(linears)} linear layers alone (LM head included) at "
+            f"{round(tokens / max(1, steps))} rows, {steps} steps: {floor_tokens / floor_s:9.1f} tokens/s; the "
+            f"sampler reached {batched_rate / (floor_tokens / floor_s):.1%} of it (the rest: attention, norms, "
+            "rotary, the KV cache, sampling, Python)"
+        )
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        positions, sample_range = next(
+            iter(plan_batches([len(e) for e in encoded], args.samples, args.batch_size))
+        )
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            sampler.sample([encoded[i] for i in positions], [seeds[i] for i in positions], sample_range)
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    load_after = os.getloadavg()
+    print(
+        f"load average (1/5/15 min) before {' '.join(f'{x:.2f}' for x in load_before)}, "
+        f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} CPUs"
     )
 
     if device.type == "cuda":

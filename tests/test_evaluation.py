@@ -151,6 +151,27 @@ def test_samples_do_not_depend_on_the_batch_and_logprobs_match_the_model(tiny_mo
     assert texts == [s.text for s in flat if not s.finished]
 
 
+def test_the_preallocated_kv_cache_samples_exactly_what_the_dynamic_cache_samples(tiny_model_dir):
+    """The sampler's preallocated KV cache (in-place writes, views of the filled part) against transformers'
+    DynamicCache: the same tokens and bit-identical log-probs, with left padding and rows dropped as they
+    finish (a third of the vocabulary made to end a sample, so rows drop at many steps)."""
+    model, tokenizer = _load(tiny_model_dir)
+    prompts = [tokenizer(p)["input_ids"] for p in ("make 24 with 3 5 7 9:", "make 7 with 1 2:", "9:")]
+    results = []
+    for preallocate in (True, False):
+        sampler = HFSampler(
+            model, tokenizer, temperature=1.0, max_new_tokens=12, seed=5, preallocate_cache=preallocate
+        )
+        sampler.eos_ids = list(range(0, len(tokenizer), 3))
+        results.append([s for group in sampler.sample(prompts, [1, 2, 3], range(6)) for s in group])
+    fast, dynamic = results
+    assert [(s.token_ids, s.logprob, s.finished) for s in fast] == [
+        (s.token_ids, s.logprob, s.finished) for s in dynamic
+    ]
+    lengths = {s.num_tokens for s in fast}
+    assert any(s.finished for s in fast) and len(lengths) > 2  # rows dropped at several steps
+
+
 # --- tasks --------------------------------------------------------------------------------------------
 
 

@@ -8,7 +8,10 @@ the KL(p*‖π) estimate needs.
 
 Per batch: prompts are left-padded and prefilled once, the KV cache is repeated for the samples of each
 prompt (what `num_return_sequences` does, without re-encoding the prompt), and rows that reach EOS are
-dropped from the batch so the remaining ones decode faster.
+dropped from the batch so the remaining ones decode faster. The KV cache is preallocated for the
+prompt plus `max_new_tokens` (`_preallocated_cache`): a decode step writes one position in place instead
+of copying the whole cache of every layer (transformers' DynamicCache concatenates), and attention sees
+exactly the tensors it would see with the dynamic cache, so the samples are the same.
 """
 
 from __future__ import annotations
@@ -74,6 +77,59 @@ def _draw(logprobs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return torch.searchsorted(cdf, u, right=True).clamp_(max=logprobs.shape[-1] - 1).squeeze(-1)
 
 
+def _preallocated_cache(config: Any, capacity: int) -> Any:
+    """A DynamicCache whose full-attention layers keep their keys and values in buffers of `capacity`
+    positions: an update writes the new positions in place and returns views of the filled part, the same
+    values and shapes as DynamicCache's concatenation, without copying the cache at every step. Sliding-
+    window (or other) layers of the model stay as transformers builds them."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.length = 0
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.device = key_states.device
+                batch, heads, _, _ = key_states.shape
+                self._keys = key_states.new_empty((batch, heads, capacity, key_states.shape[-1]))
+                self._values = value_states.new_empty((batch, heads, capacity, value_states.shape[-1]))
+                self.is_initialized = True
+            end = self.length + key_states.shape[-2]
+            if end > capacity:
+                raise RuntimeError(
+                    f"the preallocated KV cache holds {capacity} positions; {end} were written"
+                )
+            self._keys[:, :, self.length : end] = key_states
+            self._values[:, :, self.length : end] = value_states
+            self.length = end
+            self._views()
+            return self.keys, self.values
+
+        def _views(self) -> None:
+            self.keys, self.values = self._keys[:, :, : self.length], self._values[:, :, : self.length]
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.length:
+                self._keys = self._keys.repeat_interleave(repeats, dim=0)
+                self._values = self._values.repeat_interleave(repeats, dim=0)
+                self._views()
+
+        def batch_select_indices(self, indices) -> None:
+            if self.length:
+                self._keys, self._values = self._keys[indices], self._values[indices]
+                self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("the sampler's preallocated cache is never cropped")
+
+    cache = DynamicCache(config=config)
+    cache.layers = [PreallocatedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 def _check_sampling(temperature: float, top_p: float, max_new_tokens: int) -> None:
     """The sampling settings both backends accept."""
     if temperature < 0:
@@ -96,9 +152,11 @@ class HFSampler:
         top_p: float = 1.0,
         max_new_tokens: int = 256,
         seed: int = 0,
+        preallocate_cache: bool = True,
     ) -> None:
         _check_sampling(temperature, top_p, max_new_tokens)
         self.model, self.tokenizer = model, tokenizer
+        self.preallocate_cache = preallocate_cache  # False: transformers' DynamicCache (for comparison)
         self.temperature, self.top_p, self.max_new_tokens, self.seed = (
             temperature,
             top_p,
@@ -133,7 +191,11 @@ class HFSampler:
         mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in prompt_ids], device=device)
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)
 
-        cache = DynamicCache(config=self.model.config)
+        cache = (
+            _preallocated_cache(self.model.config, width + self.max_new_tokens)
+            if self.preallocate_cache
+            else DynamicCache(config=self.model.config)
+        )
         out = self.model(
             input_ids=input_ids,
             attention_mask=mask,
