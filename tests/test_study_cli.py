@@ -194,3 +194,35 @@ def test_seeds_as_two_worker_processes(nano_model_dir: Path, tmp_path: Path) -> 
         assert (out / "train" / f"grpo-beta-0-2-seed{seed}" / "final" / "config.json").exists()
     study = (out / "study.md").read_text()
     assert "Seeds: 0, 1." in study and "| grpo beta=0.2 | grpo | 2 |" in study
+
+
+LORA_CHAT = """\
+steps: 2
+train_prompts: 4
+eval_prompts: 2
+eval_samples: 4
+num_generations: 4
+batch_size: 4
+learning_rate: 1.0e-3
+conversational: true
+curve_points: 0
+exact_train_prompts: 2
+settings: {use_peft: true, lora_r: 4, lora_alpha: 8, lora_target_modules: all-linear}
+arms:
+  grpo: {beta: 0.2}
+"""
+
+
+def test_a_lora_study_on_chat_prompts_evaluates_a_merged_model(nano_model_dir: Path, tmp_path: Path) -> None:
+    """Regression (the real-model study, docs/results.md §4g): a LoRA arm's final model is a plain model
+    directory (the adapter merged), which the evaluators load and a rerun reuses; the exact metrics run on chat
+    prompts (lists of messages, once unhashable in the base-score cache)."""
+    code, out = _study(tmp_path, nano_model_dir, config=LORA_CHAT)
+    assert code == 0
+    final = out / "train" / "grpo-beta-0-2-seed0" / "final"
+    assert (final / "config.json").is_file() and not (final / "adapter_config.json").exists()
+    exact = json.loads((out / "eval" / "grpo-beta-0-2-seed0" / "exact.json").read_text())
+    assert len(exact["per_prompt"]) == 2 and 0.0 < exact["validity"] <= 1.0
+    stamp = (final / "config.json").stat().st_mtime_ns
+    code, _ = _study(tmp_path, nano_model_dir, config=LORA_CHAT)
+    assert code == 0 and (final / "config.json").stat().st_mtime_ns == stamp  # reused, not retrained

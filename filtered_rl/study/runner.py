@@ -228,14 +228,24 @@ def train_run(
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(final))
-    trainer.processing_class.save_pretrained(str(final))
+    save_final_model(trainer, final)
     (output_dir / "train_log.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     (final / "train_minutes.json").write_text(json.dumps((time.perf_counter() - start) / 60))
     return final
 
 
 CURVE_NAME = "exact_curve.jsonl"
+
+
+def save_final_model(trainer: Any, final: Path) -> None:
+    """The arm's final model as a plain model directory, what the evaluators load and a rerun reuses: a
+    LoRA (PEFT) policy is merged into its base weights, where `save_model` would write the adapter alone."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if hasattr(model, "merge_and_unload"):
+        model.merge_and_unload().save_pretrained(str(final))
+    else:
+        trainer.save_model(str(final))
+    trainer.processing_class.save_pretrained(str(final))
 
 
 def distill_run(
@@ -348,7 +358,7 @@ def exact_train_metrics(
     return _exact_file(model, base_model, task, output_dir / EXACT_TRAIN_FILE, preset)
 
 
-_BASE_SCORES: dict[tuple[str, tuple[str, ...]], list[list[float]]] = {}
+_BASE_SCORES: dict[tuple[str, str], list[list[float]]] = {}
 
 
 def _exact_file(
@@ -371,7 +381,8 @@ def _exact_file(
         policy = AutoModelForCausalLM.from_pretrained(model)
         base = policy if str(model) == str(base_model) else AutoModelForCausalLM.from_pretrained(base_model)
     ks = sorted({1, preset.eval_samples, 256})
-    key = (str(base_model), tuple(prompts))  # the base model's scores are the same for every arm of a seed
+    # The base model's scores are the same for every arm of a seed; prompts may be chat messages (lists).
+    key = (str(base_model), json.dumps(prompts, sort_keys=True))
     result = exact_evaluation(
         policy, base, tokenizer, prompts, answers, ks, base_log_probs=_BASE_SCORES.get(key)
     )
