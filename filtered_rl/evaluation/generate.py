@@ -230,7 +230,8 @@ class HFSampler:
                 chosen = logp.argmax(dim=-1)
                 chosen_lp = torch.zeros(len(chosen), device=device)  # greedy: a point mass
             else:
-                logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+                scaled = logits.float() if self.temperature == 1.0 else logits.float() / self.temperature
+                logp = torch.log_softmax(scaled, dim=-1)  # x / 1.0 is x: a pass over the vocabulary saved
                 if self.top_p < 1.0:
                     logp = _filter_top_p(logp, self.top_p)
                 chosen = _draw(logp, uniforms[active, step])
