@@ -14,6 +14,22 @@ import torch
 from filtered_rl.evaluation.generate import sample_seed
 
 
+def load_verified_samples(path: str, why: str) -> Any:
+    """The stored set at `path` (`filtered-rl rehearsal-sample`), refused unless it keeps every prompt's
+    verified samples (`--min-correct 1`): a set kept only for prompts with several valid draws is not a
+    sample of p* for every prompt. `why` ends the error (what the caller needs the samples for). Read
+    before the model loads, so a missing file fails fast."""
+    from filtered_rl.rehearsal import load_rehearsal
+
+    stored = load_rehearsal(path)
+    if stored.info.get("min_correct", 1) != 1:
+        raise ValueError(
+            f"{path} keeps only prompts with ≥ {stored.info['min_correct']} verified samples: {why}; "
+            "resample with `filtered-rl rehearsal-sample --min-correct 1`"
+        )
+    return stored
+
+
 class StoredSampleDraws:
     """Mixin for a `PostScoringTrainer` whose `extra_loss` reads stored samples (prompt_ids, completion_ids)."""
 

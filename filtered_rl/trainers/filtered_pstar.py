@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from filtered_rl.trainers._registry import register_algorithm
-from filtered_rl.trainers._stored_samples import StoredSampleDraws
+from filtered_rl.trainers._stored_samples import StoredSampleDraws, load_verified_samples
 from filtered_rl.trainers.filtered import FilteredGRPOConfig, FilteredGRPOTrainer
 
 
@@ -86,17 +86,9 @@ class FilteredPStarTrainer(StoredSampleDraws, FilteredGRPOTrainer):
     config_class = FilteredPStarConfig
 
     def __init__(self, model, reward_funcs=None, args: FilteredPStarConfig | None = None, **kwargs: Any):
-        from filtered_rl.rehearsal import load_rehearsal
-
         if args is None or not isinstance(args, FilteredPStarConfig):
             raise TypeError("FilteredPStarTrainer needs args=FilteredPStarConfig(rehearsal_path=...)")
-        stored = load_rehearsal(args.rehearsal_path)  # before the model loads: a missing file fails fast
-        if stored.info.get("min_correct", 1) != 1:
-            raise ValueError(
-                f"{args.rehearsal_path} keeps only prompts with ≥ {stored.info['min_correct']} verified samples: "
-                "those are not p*'s draws for every prompt; resample with `filtered-rl rehearsal-sample "
-                "--min-correct 1`"
-            )
+        stored = load_verified_samples(args.rehearsal_path, "those are not p*'s draws for every prompt")
         by_prompt: dict[str, list[dict[str, Any]]] = {}
         for sample in stored.samples:
             by_prompt.setdefault(sample["prompt_key"], []).append(sample)

@@ -41,7 +41,7 @@ import torch
 from filtered_rl.evaluation.generate import sample_seed
 from filtered_rl.trainers._base import PostScoringConfig, PostScoringTrainer, ScoredBatch
 from filtered_rl.trainers._registry import register_algorithm
-from filtered_rl.trainers._stored_samples import StoredSampleDraws
+from filtered_rl.trainers._stored_samples import StoredSampleDraws, load_verified_samples
 
 _EPOCH_STREAM = 2**40  # sample_seed stream of the epoch permutations (apart from any prompt's)
 
@@ -158,16 +158,9 @@ class RFTTrainer(StoredSampleDraws, PostScoringTrainer):
     needs_reference_model = False
 
     def __init__(self, model, reward_funcs=None, args: RFTConfig | None = None, **kwargs: Any):
-        from filtered_rl.rehearsal import load_rehearsal
-
         if args is None or not isinstance(args, RFTConfig):
             raise TypeError("RFTTrainer needs args=RFTConfig(rehearsal_path=...)")
-        stored = load_rehearsal(args.rehearsal_path)  # before the model loads: a missing file fails fast
-        if stored.info.get("min_correct", 1) != 1:
-            raise ValueError(
-                f"{args.rehearsal_path} keeps only prompts with ≥ {stored.info['min_correct']} verified samples: "
-                "not every prompt's verified samples; resample with `filtered-rl rehearsal-sample --min-correct 1`"
-            )
+        stored = load_verified_samples(args.rehearsal_path, "not every prompt's verified samples")
         drawn = stored.info.get("num_samples")
         if (
             args.rft_samples_per_prompt is not None
