@@ -10,7 +10,11 @@ getting it are timed side by side:
 
 Shapes: `nano` (today's: the pretrained 0.26 M countdown model, 32 completions of at most 24 tokens,
 ending at EOS) and `small` (the `small` base-model architecture, 25 M parameters, randomly initialised,
-completions forced to `--small-tokens` tokens by suppressing EOS, so every completion is long).
+completions forced to `--small-tokens` tokens by suppressing EOS, so every completion is long). With
+`--model NAME_OR_PATH` (e.g. `filtered-rl:smollm2-135m`) a third shape, `real`, trains that model with
+LoRA (r 8 on every linear layer; the reference is the model with the adapter disabled), `--real-prompts`
+× `--real-generations` completions forced to `--real-tokens` tokens (EOS suppressed); `--variants` can
+drop `filtered-forward` there to save time.
 
 The learning rate is 0 so that every trainer samples exactly the same completions (same seed, same
 weights): the ratios measure the objective's overhead, not a difference in completion lengths. The
@@ -23,17 +27,21 @@ forward, the policy's no-grad forward, the loss forward and the backward).
     python benchmarks/bench_filtered_vs_grpo.py                        # both shapes
     python benchmarks/bench_filtered_vs_grpo.py --shapes nano --steps 12 --rounds 4
     python benchmarks/bench_filtered_vs_grpo.py --nano-model DIR       # a nano model directory to use
+    python benchmarks/bench_filtered_vs_grpo.py --shapes real --model filtered-rl:smollm2-135m \
+        --real-prompts 1 --real-generations 16 --real-tokens 128      # SmolLM2-135M with LoRA
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from transformers import TrainerCallback
@@ -51,6 +59,7 @@ class Shape:
     max_tokens: int
     generation_kwargs: dict[str, Any] | None = None
     about: str = ""
+    lora: bool = False
 
 
 @dataclass
@@ -92,8 +101,13 @@ def instrument(trainer: Any, timer: StepTimer) -> None:
 
         return wrapper
 
+    # Under LoRA there is no ref_model: TRL runs the reference as the policy with its adapter disabled.
+    lora = next((m for m in trainer.model.modules() if hasattr(m, "lora_A")), None)
+
     def forward_kind(model, *args, **kwargs):
         if trainer.ref_model is not None and model is trainer.ref_model:
+            return "ref_forward"
+        if lora is not None and getattr(lora, "disable_adapters", False):
             return "ref_forward"
         return "loss_forward" if torch.is_grad_enabled() else "policy_nograd_forward"
 
@@ -138,7 +152,14 @@ def run_once(
         generation_kwargs=shape.generation_kwargs,
         **extra,
     )
-    trainer = trainer_cls(model=shape.model, reward_funcs=reward, args=args, train_dataset=dataset)
+    peft: dict[str, Any] = {}
+    if shape.lora:
+        from peft import LoraConfig
+
+        peft["peft_config"] = LoraConfig(
+            r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"
+        )
+    trainer = trainer_cls(model=shape.model, reward_funcs=reward, args=args, train_dataset=dataset, **peft)
     if variant == "filtered-forward":
         trainer.capture_sampling_logprobs = False
     trainer.remove_callback(PrinterCallback)  # keep the output to the figures below
@@ -190,7 +211,7 @@ def report(shape: Shape, runs: dict[str, Run], kl_beta: float) -> None:
         label = f"GRPO(beta={kl_beta})" if name == "grpo" else name
         parts = "".join(f"{median(run.parts[p]):>23.3f}" for p in PARTS)
         print(f"   {label:<22}{median(run.step_wall):>8.3f}{median(run.step_cpu):>8.3f}{parts}")
-    for name in ("filtered-forward", "filtered"):
+    for name in [n for n in ("filtered-forward", "filtered") if n in runs]:
         run = runs[name]
         wall = median(run.step_wall) / median(grpo.step_wall)
         cpu = median(run.step_cpu) / median(grpo.step_cpu)
@@ -203,8 +224,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--shapes", default="nano,small", help="comma-separated: nano, small")
-    parser.add_argument("--nano-model", "--model", dest="nano_model", help="nano model directory")
+    parser.add_argument(
+        "--shapes",
+        default=None,
+        help="comma-separated: nano, small, real (default nano,small; real with --model)",
+    )
+    parser.add_argument("--nano-model", dest="nano_model", help="nano model directory")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a real model (path, hub name or filtered-rl:<name>) for the `real` shape",
+    )
+    parser.add_argument(
+        "--real-steps", type=int, default=3, help="optimizer steps per real run (first dropped)"
+    )
+    parser.add_argument("--real-rounds", type=int, default=1, help="alternating runs, real")
+    parser.add_argument("--real-tokens", type=int, default=128, help="forced completion length, real")
+    parser.add_argument("--real-prompts", type=int, default=1, help="prompts per step, real")
+    parser.add_argument("--real-generations", type=int, default=16, help="completions per prompt, real")
+    parser.add_argument(
+        "--variants",
+        default="grpo,filtered-forward,filtered",
+        help="trainers to compare (grpo always runs); e.g. grpo,filtered on a slow machine",
+    )
     parser.add_argument("--steps", type=int, default=6, help="optimizer steps per nano run (first dropped)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each trainer, nano")
     parser.add_argument("--small-steps", type=int, default=3, help="optimizer steps per small run")
@@ -228,6 +270,10 @@ def main() -> None:
     from filtered_rl.synthetic.countdown_verifier import CountdownVerifier
 
     torch.set_num_threads(args.threads)
+    if args.shapes is None:
+        args.shapes = "nano,small" + (",real" if args.model else "")
+    variants = ["grpo", *[v for v in args.variants.split(",") if v in ("filtered-forward", "filtered")]]
+    load_before = os.getloadavg()
     dataset = make_countdown_dataset(64, 0, seed=0)["train"]
     reward = CountdownVerifier()
     started = time.time()
@@ -260,10 +306,31 @@ def main() -> None:
                     about=f"random 'small' Qwen2 (25 M), {args.small_tokens} tokens forced (EOS suppressed)",
                 )
                 shapes.append((shape, args.small_steps, args.small_rounds))
+            elif name == "real":
+                if args.model is None:
+                    parser.error("the real shape needs --model (e.g. filtered-rl:smollm2-135m)")
+                from transformers import AutoTokenizer
+
+                from filtered_rl.evaluation.generate import eos_token_ids
+                from filtered_rl.models import resolve_model
+
+                path = resolve_model(args.model)
+                eos = eos_token_ids(SimpleNamespace(), AutoTokenizer.from_pretrained(path))
+                shape = Shape(
+                    "real",
+                    path,
+                    args.real_prompts,
+                    args.real_generations,
+                    args.real_tokens,
+                    generation_kwargs={"suppress_tokens": eos},  # every completion runs to the limit
+                    about=f"{args.model} with LoRA (r 8, all linear), {args.real_tokens} tokens forced",
+                    lora=True,
+                )
+                shapes.append((shape, args.real_steps, args.real_rounds))
             else:
-                parser.error(f"unknown shape {name!r} (nano, small)")
+                parser.error(f"unknown shape {name!r} (nano, small, real)")
         for shape, steps, rounds in shapes:
-            runs = {name: Run() for name in ("grpo", "filtered-forward", "filtered")}
+            runs = {name: Run() for name in variants}
             for _ in range(rounds):
                 for name, total in runs.items():
                     run = run_once(
@@ -279,6 +346,11 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.gpu else f"CPU, {args.threads} threads"
     versions = f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
     print(f"\n{device}; {versions}; total {time.time() - started:.0f} s")
+    load_after = os.getloadavg()
+    print(
+        f"load average (1/5/15 min) before {' '.join(f'{x:.2f}' for x in load_before)}, "
+        f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} CPUs"
+    )
 
 
 if __name__ == "__main__":
