@@ -261,7 +261,7 @@ def main() -> None:
         floor_tokens, floor_s = totals["floor"]
         print(
             f"CPU compute floor: the {len(linears)} linear layers alone (LM head included) at "
-            f"{round(tokens / max(1, steps))} rows, {steps} steps: {floor_tokens / floor_s:9.1f} tokens/s; the "
+            f"{round(shape['tokens'] / max(1, steps))} rows, {steps} steps: {floor_tokens / floor_s:9.1f} tokens/s; the "
             f"sampler reached {batched_rate / (floor_tokens / floor_s):.1%} of it (the rest: attention, norms, "
             "rotary, the KV cache, sampling, Python)"
         )
