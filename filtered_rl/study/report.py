@@ -349,27 +349,42 @@ def plot_study(
 
 def plot_curves(curves: dict[str, list[list[dict[str, Any]]]], families: dict[str, str], path: Path) -> Path:
     """Exact validity and coverage@256 against training step, per arm (mean over its seeds)."""
+    ylabels = ("exact validity (held-out)", "exact coverage@256")
+    return _plot_per_arm(curves, families, path, ("validity", "coverage@256"), ylabels, missing_as_nan=False)
+
+
+def _plot_per_arm(
+    series: dict[str, list[list[dict[str, Any]]]],
+    families: dict[str, str],
+    path: Path,
+    keys: tuple[str, str],
+    ylabels: tuple[str, str],
+    missing_as_nan: bool,
+) -> Path:
+    """Two panels, `keys` against training step, one line per arm (mean over its seeds at the steps every
+    seed logged), coloured by family; `missing_as_nan`: a logged None (or 0) is drawn as a gap."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    family_list = list(dict.fromkeys(families[a] for a in curves))
-    colors = family_colors(family_list)
+    colors = family_colors(list(dict.fromkeys(families[a] for a in series)))
     styles = ["-", "--", ":", "-."]
     seen: dict[str, int] = {}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120)
-    for arm, seeds in curves.items():
+    for arm, seeds in series.items():
         family = families[arm]
         style = styles[seen.get(family, 0) % len(styles)]
         seen[family] = seen.get(family, 0) + 1
         steps = sorted(set.intersection(*({p["step"] for p in s} for s in seeds)))
-        for ax, key in zip(axes, ("validity", "coverage@256"), strict=True):
-            values = [np.mean([next(p[key] for p in s if p["step"] == t) for s in seeds]) for t in steps]
+        for ax, key in zip(axes, keys, strict=True):
+            at = lambda s, t, key=key: next(p[key] for p in s if p["step"] == t)  # noqa: E731
+            values = [
+                np.mean([(at(s, t) or np.nan) if missing_as_nan else at(s, t) for s in seeds]) for t in steps
+            ]
             ax.plot(steps, values, style, color=colors[family], label=arm, linewidth=1.2)
-    axes[0].set_ylabel("exact validity (held-out)")
-    axes[1].set_ylabel("exact coverage@256")
-    for ax in axes:
+    for ax, label in zip(axes, ylabels, strict=True):
+        ax.set_ylabel(label)
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6, ncol=2)
@@ -597,32 +612,5 @@ def plot_train_logs(
     logs: dict[str, list[list[dict[str, Any]]]], families: dict[str, str], path: Path
 ) -> Path:
     """Training-sample validity (reward mean) and token entropy against step, per arm (mean over seeds)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colors = family_colors(list(dict.fromkeys(families[a] for a in logs)))
-    styles = ["-", "--", ":", "-."]
-    seen: dict[str, int] = {}
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=120)
-    for arm, seeds in logs.items():
-        family = families[arm]
-        style = styles[seen.get(family, 0) % len(styles)]
-        seen[family] = seen.get(family, 0) + 1
-        steps = sorted(set.intersection(*({p["step"] for p in s} for s in seeds)))
-        for ax, key in zip(axes, ("reward", "entropy"), strict=True):
-            values = [
-                np.mean([next(p[key] for p in s if p["step"] == t) or np.nan for s in seeds]) for t in steps
-            ]
-            ax.plot(steps, values, style, color=colors[family], label=arm, linewidth=1.2)
-    axes[0].set_ylabel("validity of the training samples (reward mean)")
-    axes[1].set_ylabel("token entropy of the training samples")
-    for ax in axes:
-        ax.set_xlabel("training step")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    ylabels = ("validity of the training samples (reward mean)", "token entropy of the training samples")
+    return _plot_per_arm(logs, families, path, ("reward", "entropy"), ylabels, missing_as_nan=True)
