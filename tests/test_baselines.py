@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _common import CPU, t
 
 from filtered_rl.trainers._grpo import group_zscore
 from filtered_rl.trainers.dph_rehearsal import DPHConfig, rehearsal_divergence
@@ -18,12 +19,6 @@ from filtered_rl.trainers.inverse_success import InverseSuccessConfig, inverse_s
 from filtered_rl.trainers.mara import MARAConfig, mara_advantages, mara_rewards
 from filtered_rl.trainers.passk_training import PassKConfig, passk_advantages
 from filtered_rl.trainers.unlikeliness import UnlikelinessConfig, likelihood_ranks, unlikeliness_rewards
-
-CPU = dict(use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True)
-
-
-def t(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64)
 
 
 def close(actual, expected, tol: float = 1e-12) -> None:

@@ -9,14 +9,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from _common import CPU
 
 pytest.importorskip("trl")
 
 from filtered_rl.trainers import _base  # noqa: E402
 from filtered_rl.trainers._logprobs import GenerateLogprobRecorder, fit_width, sampling_logps  # noqa: E402
 from filtered_rl.trainers.filtered import FilteredGRPOConfig, FilteredGRPOTrainer  # noqa: E402
-
-CPU = dict(use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True)
 
 
 @pytest.fixture(scope="module")

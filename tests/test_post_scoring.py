@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from _common import CPU
 
 pytest.importorskip("trl")
 
 from filtered_rl.trainers._base import STATE_FILE, PostScoringConfig, write_json_atomic  # noqa: E402
 from filtered_rl.trainers.filtered import FilteredGRPOConfig, FilteredGRPOTrainer  # noqa: E402
-
-CPU = dict(use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from _common import CPU
 
 pytest.importorskip("trl")
 pytest.importorskip("peft")
@@ -28,7 +29,6 @@ pytestmark = pytest.mark.slow
 REPO_ROOT = Path(__file__).resolve().parents[1]
 GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
 RECIPE = REPO_ROOT / "recipes" / "configs" / "gsm8k-qwen2.5-0.5b-lora.yaml"
-CPU = dict(use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True)
 LORA = dict(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
 # Small sums asked for a boxed answer and nothing else (short completions): SmolLM2 solves each 1-2 times in
 # 4 at T = 1 (measured: 10 of 32 samples of the first 6, 32 tokens), so most groups hold both valid and

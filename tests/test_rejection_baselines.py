@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _common import CPU, t
 
 pytest.importorskip("trl")
 
@@ -29,13 +30,8 @@ from filtered_rl.trainers.raft import RAFTConfig, raft_advantages  # noqa: E402
 from filtered_rl.trainers.reinforce_rej import ReinforceRejConfig, reinforce_rej_advantages  # noqa: E402
 from filtered_rl.trainers.rft import RFTConfig, epoch_steps, rft_training_set  # noqa: E402
 
-CPU = dict(use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True)
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore")  # TRL/transformers deprecation notices
-
-
-def t(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64)
 
 
 # ---- RAFT: advantages = the verdicts (of the first k valid samples per group) ------------------------------

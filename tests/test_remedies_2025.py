@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _common import CPU, t
 
 pytest.importorskip("trl")
 
@@ -39,15 +40,10 @@ from filtered_rl.trainers.passk_training import pass_at_k_estimate, passk_advant
 from filtered_rl.trainers.pkpo import PKPOConfig, annealed_k, pkpo_advantages, pkpo_rewards_table  # noqa: E402
 from filtered_rl.trainers.rs_grpo import RSGRPOConfig, rs_grpo_advantages  # noqa: E402
 
-CPU = dict(use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True)
 ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = ["nsr", "f_grpo", "rs_grpo", "pkpo", "clip_cov", "kl_cov"]
 pytestmark = pytest.mark.filterwarnings("ignore")  # TRL/transformers deprecation notices
 STD_TOL = 1e-7  # TRL's nanstd computes its Bessel factor in float32
-
-
-def t(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64)
 
 
 def close(actual, expected, tol: float = 1e-12) -> None:

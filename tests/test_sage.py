@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _common import CPU, t
 
 pytest.importorskip("trl")
 
@@ -42,13 +43,8 @@ from filtered_rl.trainers.sage import (  # noqa: E402
     token_guide,
 )
 
-CPU = dict(use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True)
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore")  # TRL/transformers deprecation notices
-
-
-def t(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float64)
 
 
 # ---- the guides, by hand ---------------------------------------------------------------------------------------

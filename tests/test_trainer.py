@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _common import CPU
 from _launch import run_launch
 
 pytest.importorskip("trl")
@@ -21,7 +22,6 @@ from filtered_rl.divergences import filtered_advantages  # noqa: E402
 from filtered_rl.trainer import FilteredGRPOConfig, FilteredGRPOTrainer, validity_from_rewards  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-CPU = dict(use_cpu=True, bf16=False, report_to=[], logging_steps=1, save_strategy="no", disable_tqdm=True)
 
 
 def even_bytes(completions, **kwargs):

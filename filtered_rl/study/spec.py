@@ -86,4 +86,5 @@ CONFIG_KEYS = (
 def slug(name: str) -> str:
     """A run name as a safe directory name: `grpo β=0.01` → `grpo-beta-0-01`."""
     return "".join(c if c.isalnum() else "-" for c in name.lower().replace("α", "alpha").replace("β", "beta")
-                   .replace("μ", "mu").replace("*", "star")).strip("-")  # fmt: skip
+                   .replace("μ", "mu").replace("γ", "gamma").replace("λ", "lambda").replace("*", "star")
+                   ).strip("-")  # fmt: skip

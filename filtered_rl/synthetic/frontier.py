@@ -112,6 +112,23 @@ RFT, RAFT, REINFORCE_REJ = (
     "Reinforce-Rej",
 )
 PSTAR_DISTILL = RunSpec("p* distilled", "pstar_distill", family=ORACLE)
+REMEDIES_2025 = (
+    RunSpec("nsr", "nsr", family="NSR / W-REINFORCE"),  # λ = 0: push down invalid samples only
+    RunSpec("w-reinforce λ=0.1", "nsr", {"nsr_positive_weight": 0.1}, family="NSR / W-REINFORCE"),
+    RunSpec("f-grpo γ=1", "f_grpo", family="F-GRPO"),
+    RunSpec("f-grpo γ=2", "f_grpo", {"f_grpo_gamma": 2.0}, family="F-GRPO"),
+    RunSpec("rs-grpo β=2", "rs_grpo", family="RS-GRPO"),
+    RunSpec("rs-grpo β=8", "rs_grpo", {"rs_grpo_beta": 8.0}, family="RS-GRPO"),  # nearer max reward
+    RunSpec("pkpo k=4", "pkpo", family="PKPO"),
+    RunSpec("pkpo k=4→1", "pkpo", {"pkpo_k_end": 1}, family="PKPO"),  # the paper's anneal, at half the run
+    RunSpec("clip-cov r=2e-4", "clip_cov", family="Clip-Cov"),
+    RunSpec("clip-cov r=2e-3", "clip_cov", {"clip_cov_ratio": 2e-3}, family="Clip-Cov"),
+    # KL-Cov's penalty |log π − log π_old| is zero on-policy: 4 optimizer steps a generation batch, as RAFT++'s.
+    RunSpec("kl-cov r=2e-4", "kl_cov", {"steps_per_generation": 4}, family="KL-Cov"),
+    RunSpec("kl-cov r=2e-3", "kl_cov", {"steps_per_generation": 4, "kl_cov_ratio": 2e-3}, family="KL-Cov"),
+    RunSpec("sage branch", "sage", family="SAGE"),  # β = 0.05, the authors'
+    RunSpec("sage token", "sage", {"sage_guide": "token"}, family="SAGE"),
+)
 STUDY_ARMS = (
     GRPO_BETA_0,
     GRPO_BETA_004,
@@ -154,6 +171,9 @@ STUDY_ARMS = (
               rehearsal_min_correct=1, family=RFT) for k in (8, 32)),
     RunSpec("raft++", "raft", {"steps_per_generation": 4}, family=RAFT),
     RunSpec("reinforce-rej", "reinforce_rej", {"steps_per_generation": 4}, family=REINFORCE_REJ),
+    # The 2025-26 remedies (issue 25), each at its authors' default and one other setting of its own knob, with
+    # the GRPO arms' budget (one optimizer step a generation batch, no KL) unless the method needs otherwise.
+    *REMEDIES_2025,
 )  # fmt: skip
 
 COUNTDOWN_HARD_ARMS = (
@@ -161,7 +181,7 @@ COUNTDOWN_HARD_ARMS = (
     "filtered forward KL, exact A(x)", "mara β=0.1", "filtered forward KL + p* samples",
     "filtered forward KL + p* samples c=0.3", "filtered forward KL + p* samples c=3", "p* distilled",
     "p* distilled, 10x steps", "unlikeliness c=0.25", "pass@k training k=4", "inverse success α=1", "dph forward KL",
-    "rft k=8", "rft k=32", "raft++", "reinforce-rej",
+    "rft k=8", "rft k=32", "raft++", "reinforce-rej", *(arm.name for arm in REMEDIES_2025),
 )  # fmt: skip
 
 COUNTDOWN_HARD_LONG_ARMS = (
