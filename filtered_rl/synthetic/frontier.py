@@ -112,6 +112,7 @@ RFT, RAFT, REINFORCE_REJ = (
     "Reinforce-Rej",
 )
 PSTAR_DISTILL = RunSpec("p* distilled", "pstar_distill", family=ORACLE)
+GRPO_BETA_005 = RunSpec("grpo β=0.05", "grpo", {"beta": 0.05}, family=KL_GRPO)
 REMEDIES_2025 = (
     RunSpec("nsr", "nsr", family="NSR / W-REINFORCE"),  # λ = 0: push down invalid samples only
     RunSpec("w-reinforce λ=0.1", "nsr", {"nsr_positive_weight": 0.1}, family="NSR / W-REINFORCE"),
@@ -122,11 +123,14 @@ REMEDIES_2025 = (
     RunSpec("pkpo k=4", "pkpo", family="PKPO"),
     RunSpec("pkpo k=4→1", "pkpo", {"pkpo_k_end": 1}, family="PKPO"),  # the paper's anneal, at half the run
     RunSpec("clip-cov r=2e-4", "clip_cov", family="Clip-Cov"),
-    RunSpec("clip-cov r=2e-3", "clip_cov", {"clip_cov_ratio": 2e-3}, family="Clip-Cov"),
+    # At ≈ 8 tokens a completion, a 32-completion micro-batch has ≈ 256 tokens: 2e-4 (and 2e-3) pick the minimum,
+    # one token; 2e-2 picks ≈ 5.
+    RunSpec("clip-cov r=2e-2", "clip_cov", {"clip_cov_ratio": 2e-2}, family="Clip-Cov"),
     # KL-Cov's penalty |log π − log π_old| is zero on-policy: 4 optimizer steps a generation batch, as RAFT++'s.
     RunSpec("kl-cov r=2e-4", "kl_cov", {"steps_per_generation": 4}, family="KL-Cov"),
-    RunSpec("kl-cov r=2e-3", "kl_cov", {"steps_per_generation": 4, "kl_cov_ratio": 2e-3}, family="KL-Cov"),
+    RunSpec("kl-cov r=2e-2", "kl_cov", {"steps_per_generation": 4, "kl_cov_ratio": 2e-2}, family="KL-Cov"),
     RunSpec("sage branch", "sage", family="SAGE"),  # β = 0.05, the authors'
+    GRPO_BETA_005,  # SAGE's control: the same β, the anchor unshaped
     RunSpec("sage token", "sage", {"sage_guide": "token"}, family="SAGE"),
 )
 STUDY_ARMS = (
