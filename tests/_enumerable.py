@@ -421,7 +421,7 @@ def train_and_measure(
 
 # ---- expected fixed points (no sampling noise) -------------------------------------------------------
 
-OBJECTIVES = ("k3_loss", "k3_loss_group_std", "k1_reward")
+OBJECTIVES = ("k3_loss", "k3_loss_group_std", "k3_corrected", "k3_corrected_group_std", "k1_reward")
 
 
 def _group_advantage_weights(validity: torch.Tensor, group_size: int, scaled: bool) -> torch.Tensor:
@@ -469,6 +469,9 @@ def expected_fixed_point(
     - "k3_loss": GRPO with `scale_rewards="none"`: −E[A·∇log π(y)] + β·Σ_t E[(1 − a_t/π_t)·∇log π_t], the
       second term the gradient of Σ_t E_{y<t~π} KL(a_t‖π_t) (TRL's per-token k3 through log π only);
     - "k3_loss_group_std": the same with advantages divided by the group std (`scale_rewards="group"`);
+    - "k3_corrected" / "k3_corrected_group_std": TRL 1.16's default `use_bias_correction_kl=True`, k3 times
+      the importance ratio π/π_old (with its gradient): on-policy E[∇(ratio·k3_t)] = E[log(π_t/a_t)·∇log π_t],
+      reverse KL's gradient, so with `scale_rewards="none"` the optimum is p_β at β/c, c = (K − 1)/K;
     - "k1_reward": REINFORCE on v − β·log(π/a) with a leave-one-out baseline (RLOO, grpo_klr): optimum p_β.
 
     Returns the validity and KL(p*‖π restricted to valid) at the end, and the tilted model's validity.
@@ -513,12 +516,17 @@ def expected_fixed_point(
             weight = pi * (reward - (pi * reward).sum())
             loss = -(weight * log_pi).sum() / length
         else:
-            g = _group_advantage_weights(validity, K, scaled=objective == "k3_loss_group_std")
+            g = _group_advantage_weights(validity, K, scaled=objective.endswith("group_std"))
             weight = pi * torch.where(valid > 0, g[1], g[0])
             loss = -(weight * log_pi).sum() / length
             for lp, la in zip(tokens, log_a_tokens):
-                # E_y[(1 − a_t/π_t) ∇log π_t]: weights π(y)·(1 − a_t/π_t), detached.
-                loss = loss + beta * (pi * (1 - (la - lp.detach()).exp()) * lp).sum() / length
+                if objective.startswith("k3_corrected"):
+                    # E_y[log(π_t/a_t) ∇log π_t]: the ratio's gradient k3·∇log π plus ∇k3 = (1 − a_t/π_t)∇log π.
+                    kl_weight = lp.detach() - la
+                else:
+                    # E_y[(1 − a_t/π_t) ∇log π_t]: weights π(y)·(1 − a_t/π_t), detached.
+                    kl_weight = 1 - (la - lp.detach()).exp()
+                loss = loss + beta * (pi * kl_weight * lp).sum() / length
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

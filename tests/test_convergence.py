@@ -239,3 +239,26 @@ def test_expected_fixed_points_explain_the_refusal():
     assert k3["validity"] < 0.8 - 0.05  # k3's fixed point: validity short of μ
     assert k3_group["validity"] > 0.8 + 0.05  # the std scaling shrinks the effective β: past μ
     assert math.isfinite(k3["kl_valid"])
+
+
+def test_trl_default_bias_corrected_k3_is_reverse_kl_and_group_scaling_overshoots():
+    """TRL 1.16's default `use_bias_correction_kl=True` (k3 × the importance ratio): in expectation the KL term
+    is reverse KL's gradient, so with `scale_rewards="none"` GRPO's fixed point is the tilted model at β/c,
+    c = (G − 1)/G (GRPO's group-mean advantage is c·(v − V)), proportions among valid answers kept; with the
+    default `scale_rewards="group"` it runs far past μ, which the sampled GRPO + callback run (0.99) showed."""
+    from _enumerable import expected_fixed_point
+
+    from filtered_rl.control import beta_from_validity, validity_from_beta
+
+    spec = ONE_TOKEN.prompts[0]
+    group_size = 16
+    for mu in (0.6, 0.8):
+        beta = beta_from_validity(mu, spec.base_validity)
+        corrected = expected_fixed_point(spec, "k3_corrected", beta, group_size=group_size, steps=1500)
+        shifted = validity_from_beta(beta * group_size / (group_size - 1), spec.base_validity)
+        assert corrected["validity"] == pytest.approx(shifted, abs=0.003) and corrected["kl_valid"] < 1e-4
+        assert corrected["validity"] < mu - 0.01  # β/c > β: a little short of μ
+        grouped = expected_fixed_point(
+            spec, "k3_corrected_group_std", beta, group_size=group_size, steps=1500
+        )
+        assert grouped["validity"] > 0.95
