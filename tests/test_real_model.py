@@ -30,6 +30,29 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
 RECIPE = REPO_ROOT / "recipes" / "configs" / "gsm8k-qwen2.5-0.5b-lora.yaml"
 LORA = dict(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def train_filtered_lora(model_dir: Path, task, tmp_path: Path, **settings):
+    """FilteredGRPOTrainer with a LoRA adapter on SmolLM2, 2 prompts × 2 completions a step, trained."""
+    from peft import LoraConfig
+
+    from filtered_rl.trainers.filtered import FilteredGRPOConfig, FilteredGRPOTrainer
+
+    args = FilteredGRPOConfig(
+        output_dir=str(tmp_path / "out"), num_generations=2, per_device_train_batch_size=4, temperature=1.0,
+        seed=0, **CPU, **settings,
+    )  # fmt: skip
+    trainer = FilteredGRPOTrainer(
+        model=str(model_dir),
+        reward_funcs=task.verifier,
+        args=args,
+        train_dataset=task.dataset,
+        peft_config=LoraConfig(**LORA),
+    )
+    trainer.train()
+    return trainer
+
+
 # Small sums asked for a boxed answer and nothing else (short completions): SmolLM2 solves each 1-2 times in
 # 4 at T = 1 (measured: 10 of 32 samples of the first 6, 32 tokens), so most groups hold both valid and
 # invalid completions, and the stored-sample set is not empty.
@@ -162,10 +185,8 @@ def test_log_pi_old_recorded_during_generate_equals_a_teacher_forced_forward_wit
     gap 4.6e-5). Measured 68 s at a load average of 4 on 2 cores with 8 completions a step, 414 s at a
     load average of 10 with the 4 of now: this machine's load, not the test, sets the time."""
     import torch
-    from peft import LoraConfig
 
     from filtered_rl.trainers import _base
-    from filtered_rl.trainers.filtered import FilteredGRPOConfig, FilteredGRPOTrainer
 
     seen = []
     original = _base.sampling_logps
@@ -191,19 +212,14 @@ def test_log_pi_old_recorded_during_generate_equals_a_teacher_forced_forward_wit
     mixed.write_text(
         "".join(json.dumps({"question": f"What is {a} + {b}?", "answer": str(a + b)}) + "\n" for a, b in rows)
     )
-    task = sums_task(mixed)
-    args = FilteredGRPOConfig(
-        output_dir=str(tmp_path / "out"), max_completion_length=32, num_generations=2,
-        per_device_train_batch_size=4, max_steps=2, learning_rate=2e-3, temperature=1.0, seed=0, **CPU,
-    )  # fmt: skip
-    trainer = FilteredGRPOTrainer(
-        model=str(smollm2_model_dir),
-        reward_funcs=task.verifier,
-        args=args,
-        train_dataset=task.dataset,
-        peft_config=LoraConfig(**LORA),
+    train_filtered_lora(
+        smollm2_model_dir,
+        sums_task(mixed),
+        tmp_path,
+        max_completion_length=32,
+        max_steps=2,
+        learning_rate=2e-3,
     )
-    trainer.train()
     assert [call.source for call in seen] == ["generate", "generate"]
     assert any(call.ended.any() for call in seen), "no completion reached <|im_end|>: the stop is untested"
     assert all(call.left_padded for call in seen), "prompts of equal length: left padding is untested"
@@ -306,24 +322,13 @@ def test_filtered_lora_step_on_mbpp_with_the_code_verifier(smollm2_model_dir, tm
     code verifier against the tests: one LoRA step of 2 prompts × 2 completions × ≤ 48 tokens. SmolLM2
     rarely writes a passing program in 48 tokens; the path is what is checked (rewards are 0 or 1).
     Measured 253 s at a load average of 10 on 2 cores."""
-    from peft import LoraConfig
 
     from filtered_rl.data import load_task
-    from filtered_rl.trainers.filtered import FilteredGRPOConfig, FilteredGRPOTrainer
 
     task = load_task("mbpp", data_files=str(MBPP), split="train", limit=2)
-    args = FilteredGRPOConfig(
-        output_dir=str(tmp_path / "out"), max_completion_length=48, num_generations=2,
-        per_device_train_batch_size=4, max_steps=1, learning_rate=1e-4, temperature=1.0, seed=0, **CPU,
-    )  # fmt: skip
-    trainer = FilteredGRPOTrainer(
-        model=str(smollm2_model_dir),
-        reward_funcs=task.verifier,
-        args=args,
-        train_dataset=task.dataset,
-        peft_config=LoraConfig(**LORA),
+    trainer = train_filtered_lora(
+        smollm2_model_dir, task, tmp_path, max_completion_length=48, max_steps=1, learning_rate=1e-4
     )
-    trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert len(logs) == 1 and math.isfinite(logs[0]["loss"])
     rewards = [v for k, v in logs[0].items() if k.startswith("rewards/") and k.endswith("/mean")]
