@@ -143,21 +143,25 @@ def main() -> None:
         shape["tokens"] = tokens
         return tokens
 
+    def hf_sample(input_ids: torch.Tensor, n: int) -> torch.Tensor:  # plain multinomial sampling, n rows
+        return model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=True,
+            temperature=1.0,
+            top_p=1.0,
+            top_k=0,
+            max_new_tokens=args.max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=pad_id,
+        )
+
     def loop() -> int:  # per-request loop: one generate call per sample
         loop_tokens = 0
         for ids in encoded:
             input_ids = torch.tensor([ids], device=device)
             for _ in range(args.baseline_samples):
-                out = model.generate(
-                    input_ids,
-                    attention_mask=torch.ones_like(input_ids),
-                    do_sample=True,
-                    temperature=1.0,
-                    top_p=1.0,
-                    top_k=0,
-                    max_new_tokens=args.max_new_tokens,
-                    pad_token_id=pad_id,
-                )
+                out = hf_sample(input_ids, 1)
                 completion = out[0, input_ids.shape[1] :]
                 # a single row stops at its first EOS (included): no padding to discount
                 loop_tokens += len(completion)
@@ -167,17 +171,7 @@ def main() -> None:
         hf_tokens = 0
         for ids in encoded:
             input_ids = torch.tensor([ids], device=device)
-            out = model.generate(
-                input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                do_sample=True,
-                temperature=1.0,
-                top_p=1.0,
-                top_k=0,
-                max_new_tokens=args.max_new_tokens,
-                num_return_sequences=args.samples,
-                pad_token_id=pad_id,
-            )
+            out = hf_sample(input_ids, args.samples)
             completion = out[:, input_ids.shape[1] :]
             # count up to and including the first EOS (the rest is padding)
             eos = torch.tensor(sampler.eos_ids, device=device)
