@@ -130,7 +130,6 @@ REMEDIES_2025 = (
     RunSpec("kl-cov r=2e-4", "kl_cov", {"steps_per_generation": 4}, family="KL-Cov"),
     RunSpec("kl-cov r=2e-2", "kl_cov", {"steps_per_generation": 4, "kl_cov_ratio": 2e-2}, family="KL-Cov"),
     RunSpec("sage branch", "sage", family="SAGE"),  # β = 0.05, the authors'
-    GRPO_BETA_005,  # SAGE's control: the same β, the anchor unshaped
     RunSpec("sage token", "sage", {"sage_guide": "token"}, family="SAGE"),
 )
 STUDY_ARMS = (
@@ -176,8 +175,9 @@ STUDY_ARMS = (
     RunSpec("raft++", "raft", {"steps_per_generation": 4}, family=RAFT),
     RunSpec("reinforce-rej", "reinforce_rej", {"steps_per_generation": 4}, family=REINFORCE_REJ),
     # The 2025-26 remedies (issue 25), each at its authors' default and one other setting of its own knob, with
-    # the GRPO arms' budget (one optimizer step a generation batch, no KL) unless the method needs otherwise.
-    *REMEDIES_2025,
+    # the GRPO arms' budget (one optimizer step a generation batch) unless the method needs otherwise, and the
+    # authors' KL (none but SAGE's β = 0.05, whose control is GRPO at that β with the anchor unshaped).
+    *REMEDIES_2025, GRPO_BETA_005,
 )  # fmt: skip
 
 COUNTDOWN_HARD_ARMS = (
@@ -186,6 +186,7 @@ COUNTDOWN_HARD_ARMS = (
     "filtered forward KL + p* samples c=0.3", "filtered forward KL + p* samples c=3", "p* distilled",
     "p* distilled, 10x steps", "unlikeliness c=0.25", "pass@k training k=4", "inverse success α=1", "dph forward KL",
     "rft k=8", "rft k=32", "raft++", "reinforce-rej", *(arm.name for arm in REMEDIES_2025),
+    GRPO_BETA_005.name,
 )  # fmt: skip
 
 COUNTDOWN_HARD_LONG_ARMS = (
